@@ -1,0 +1,39 @@
+"""Dagster definitions: assets, checks, resources and jobs of the SaviorRec pipeline.
+
+Loaded by `dagster dev` through workspace.yaml, and by `-m saviorrec_pipeline.definitions`.
+Where data lives comes from the environment (settings.py); switching disk to S3 is a change of
+SAVIORREC_RAW_ROOT / SAVIORREC_STORAGE_ROOT, never of code.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from saviorrec_pipeline.assets import coclick, raw
+from saviorrec_pipeline.partitions import SETTINGS, TrainEvalWindow, daily_partitions
+from saviorrec_pipeline.resources.raw import RawStore
+from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
+
+all_assets = dg.load_assets_from_modules([raw, coclick])
+all_checks = dg.load_asset_checks_from_modules([raw, coclick])
+
+storage = ParquetStorage(root=SETTINGS.storage_root)
+
+chain_job = dg.define_asset_job(
+    "saviorrec_chain",
+    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("item_catalog", "user_profiles"),
+    partitions_def=daily_partitions,
+    description="The partitioned chain for one day: validate the day's impressions, mine co-clicks, ...",
+)
+
+defs = dg.Definitions(
+    assets=all_assets,
+    asset_checks=all_checks,
+    jobs=[chain_job],
+    resources={
+        "raw": RawStore(root=SETTINGS.raw_root),
+        "window": TrainEvalWindow(),
+        "storage": storage,
+        "parquet_io_manager": ParquetIOManager(storage=storage),
+    },
+)

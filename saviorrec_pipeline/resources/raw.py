@@ -1,0 +1,110 @@
+"""Reads the raw input contract from `raw_root` (local or S3), validating on read."""
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+import dagster as dg
+import polars as pl
+import pyarrow.parquet as pq
+
+from saviorrec_pipeline.contract import (
+    IMPRESSION_KEY,
+    IMPRESSIONS,
+    ITEMS,
+    RULE_READABLE,
+    USERS,
+    RawContractError,
+    TableSpec,
+    Violation,
+    day_violations,
+    duplicate_id_violations,
+    normalise,
+    schema_violations,
+    value_violations,
+)
+from saviorrec_pipeline.resources.storage import filesystem
+
+
+@dataclass
+class RawRead:
+    """One raw table as read: normalised rows (empty when unusable) and what was wrong."""
+
+    frame: pl.DataFrame
+    files: list[str]
+    violations: list[Violation] = field(default_factory=list)
+    duplicates_dropped: int = 0
+
+    def checked(self) -> pl.DataFrame:
+        if self.violations:
+            raise RawContractError(self.violations)
+        return self.frame
+
+
+class RawStore(dg.ConfigurableResource):
+    """The raw data a user points the pipeline at (DESIGN.md "Raw input contract")."""
+
+    root: str
+
+    def impressions_folder(self, day: dt.date) -> str:
+        return f"{self.root.rstrip('/')}/impressions/date={day.isoformat()}"
+
+    def inspect_impressions(self, day: dt.date) -> RawRead:
+        """Every file of one day, validated; duplicate impressions (same user, item, ts) keep
+        their first row and are counted."""
+        read = self._read_folder(IMPRESSIONS, self.impressions_folder(day), required=True, day=day)
+        before = read.frame.height
+        read.frame = read.frame.unique(subset=list(IMPRESSION_KEY), keep="first", maintain_order=True)
+        read.duplicates_dropped = before - read.frame.height
+        return read
+
+    def read_impressions(self, day: dt.date) -> pl.DataFrame:
+        return self.inspect_impressions(day).checked()
+
+    def inspect_items(self) -> RawRead:
+        read = self._read_folder(ITEMS, f"{self.root.rstrip('/')}/items", required=True)
+        read.violations += duplicate_id_violations(ITEMS, read.frame, f"{self.root.rstrip('/')}/items")
+        return read
+
+    def inspect_users(self) -> RawRead:
+        """User profiles are optional: no `users/` folder reads as an empty table."""
+        read = self._read_folder(USERS, f"{self.root.rstrip('/')}/users", required=False)
+        read.violations += duplicate_id_violations(USERS, read.frame, f"{self.root.rstrip('/')}/users")
+        return read
+
+    def _read_folder(
+        self, spec: TableSpec, folder: str, *, required: bool, day: dt.date | None = None
+    ) -> RawRead:
+        fs, path = filesystem(folder)
+        files = sorted(fs.glob(f"{path}/*.parquet")) if fs.isdir(path) else []
+        empty = pl.DataFrame(schema={c.name: c.cast or pl.Null for c in spec.required})
+        if not files:
+            missing = [Violation(RULE_READABLE, folder, None, "no Parquet files (*.parquet) found")]
+            return RawRead(empty, [], missing if required else [])
+        frames, violations = [], []
+        for file in files:
+            name = fs.unstrip_protocol(file)
+            frame, problems = _read_file(fs, file, spec, name)
+            violations += problems
+            if frame is not None:
+                if day is not None:
+                    violations += day_violations(frame, day, name)
+                frames.append(frame)
+        names = [fs.unstrip_protocol(f) for f in files]
+        if violations:
+            return RawRead(empty, names, violations)
+        return RawRead(pl.concat(frames, how="diagonal_relaxed"), names)
+
+
+def _read_file(fs, file: str, spec: TableSpec, name: str) -> tuple[pl.DataFrame | None, list[Violation]]:
+    try:
+        with fs.open(file, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            problems = schema_violations(spec, parquet.schema_arrow, name)
+            if problems:
+                return None, problems
+            table = parquet.read()
+    except Exception as exc:  # any reader failure means the file is not usable Parquet
+        return None, [Violation(RULE_READABLE, name, None, f"unreadable Parquet file ({exc})")]
+    frame = normalise(spec, pl.from_arrow(table))
+    problems = value_violations(spec, frame, name)
+    return (None if problems else frame), problems

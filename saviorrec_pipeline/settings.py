@@ -1,0 +1,53 @@
+"""The SAVIORREC_* environment, read in one place.
+
+Every default is documented in README.md ("Configuration"); nothing else in the package reads
+these variables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: str
+    raw_root: str
+    storage_root: str
+    start_date: dt.date
+    train_days: int
+    eval_days: int
+
+
+def _positive_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"environment variable {name}={raw!r} must be at least 1")
+    return value
+
+
+def _date(name: str, default: str) -> dt.date:
+    raw = os.environ.get(name, default)
+    try:
+        return dt.date.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not a date (YYYY-MM-DD)") from None
+
+
+def load_settings() -> Settings:
+    home = str(Path(os.environ.get("SAVIORREC_HOME", ".saviorrec")).resolve())
+    return Settings(
+        home=home,
+        raw_root=os.environ.get("SAVIORREC_RAW_ROOT", f"{home}/raw"),
+        storage_root=os.environ.get("SAVIORREC_STORAGE_ROOT", f"{home}/storage"),
+        start_date=_date("SAVIORREC_START_DATE", "2025-07-01"),
+        train_days=_positive_int("SAVIORREC_TRAIN_DAYS", 21),
+        eval_days=_positive_int("SAVIORREC_EVAL_DAYS", 1),
+    )
