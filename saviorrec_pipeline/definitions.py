@@ -5,8 +5,6 @@ Where data lives comes from the environment (settings.py); switching disk to S3 
 SAVIORREC_RAW_ROOT / SAVIORREC_STORAGE_ROOT, never of code.
 """
 
-from __future__ import annotations
-
 import dagster as dg
 
 from saviorrec_pipeline.assets import coclick, raw
@@ -21,9 +19,9 @@ storage = ParquetStorage(root=SETTINGS.storage_root)
 
 chain_job = dg.define_asset_job(
     "saviorrec_chain",
-    selection=dg.AssetSelection.all() - dg.AssetSelection.assets("item_catalog", "user_profiles"),
+    selection=dg.AssetSelection.all(),
     partitions_def=daily_partitions,
-    description="The partitioned chain for one day: validate the day's impressions, mine co-clicks, ...",
+    description="The whole chain for one day D: validate the raw sources, mine co-clicks from D's training window.",
 )
 
 defs = dg.Definitions(

@@ -6,8 +6,10 @@ item with itself. A pair's support is the number of distinct users who produced 
 support >= `min_support` are kept.
 
 Cost: one sort of the click events, then `window` shifted comparisons over the sorted frame, so
-work grows with events x window, never with the square of a user's history. The dedup and the
-support count run on Polars' streaming engine.
+work grows with events x window, never with the square of a user's history. Items are renumbered
+densely (order-preserving) so a pair packs into one UInt64 key; the distinct-user count over those
+keys runs on Polars' streaming engine. At 10^7 clicks this is about 2x faster than the same
+definition as one DuckDB query, under 1.5 GiB peak (benchmarks/coclick.py).
 """
 
 from __future__ import annotations
@@ -41,42 +43,51 @@ def mine_coclick_pairs(clicks: pl.LazyFrame | pl.DataFrame, params: CoclickParam
     `clicks` holds one row per click event with `user_id`, `item_id` (integers) and `ts`
     (a timestamp).
     """
-    ordered = (
-        clicks.lazy()
-        .select(
-            pl.col("user_id").cast(pl.Int64),
-            pl.col("item_id").cast(pl.Int64),
-            pl.col("ts").dt.epoch("us").alias("ts_us"),
-        )
-        .collect()
-        # The eager multi-key sort is about twice as fast as the lazy one on 10^7 rows.
-        .sort("user_id", "ts_us", "item_id")
+    events = clicks.lazy().select(
+        pl.col("user_id").cast(pl.Int64),
+        pl.col("item_id").cast(pl.Int64),
+        pl.col("ts").dt.epoch("us").alias("ts_us"),
+    )
+    # The eager multi-key sort is about twice as fast as the lazy one on 10^7 rows.
+    ordered = events.collect().sort("user_id", "ts_us", "item_id")
+    item_ids = ordered["item_id"].unique().sort()
+    ordered = ordered.select(
+        # Users are contiguous after the sort: a run number identifies one in 4 bytes.
+        pl.col("user_id").ne_missing(pl.col("user_id").shift()).cum_sum().cast(pl.UInt32).alias("user"),
+        # Dense ranks keep the item order, so `item_a < item_b` holds for the ranks too.
+        (pl.col("item_id").rank("dense").cast(pl.UInt64) - 1).alias("item"),
+        "ts_us",
     )
     max_gap_us = params.max_gap // dt.timedelta(microseconds=1)
     per_offset = [_pairs_at_offset(ordered.lazy(), k, max_gap_us) for k in range(1, params.window + 1)]
-    return (
+    supported = (
         pl.concat(per_offset)
-        .unique()  # one (user, pair) counts once, however often the user produced it
-        .group_by("item_a", "item_b")
-        .agg(pl.len().cast(pl.UInt32).alias("support"))
+        .group_by("pair")
+        .agg(pl.col("user").n_unique().cast(pl.UInt32).alias("support"))
         .filter(pl.col("support") >= params.min_support)
-        .sort("item_a", "item_b")
         .collect(engine="streaming")
     )
+    return pl.DataFrame(
+        {
+            "item_a": item_ids.gather(supported["pair"] // _PAIR_BASE),
+            "item_b": item_ids.gather(supported["pair"] % _PAIR_BASE),
+            "support": supported["support"],
+        },
+        schema=PAIR_SCHEMA,
+    ).sort("item_a", "item_b")
+
+
+_PAIR_BASE = 1 << 32  # pair key = item_a * base + item_b; ranks are below 2^32
 
 
 def _pairs_at_offset(ordered: pl.LazyFrame, k: int, max_gap_us: int) -> pl.LazyFrame:
-    """(user_id, item_a, item_b) for each click and the user's k-th next click."""
-    later_item = pl.col("item_id").shift(-k)
-    same_user = pl.col("user_id").shift(-k) == pl.col("user_id")
+    """(user, pair key) for each click and the user's k-th next click."""
+    later_item = pl.col("item").shift(-k)
+    same_user = pl.col("user").shift(-k) == pl.col("user")
     within_gap = pl.col("ts_us").shift(-k) - pl.col("ts_us") <= max_gap_us
+    pair = pl.min_horizontal("item", later_item) * _PAIR_BASE + pl.max_horizontal("item", later_item)
     return (
-        ordered.select(
-            "user_id",
-            pl.min_horizontal("item_id", later_item).alias("item_a"),
-            pl.max_horizontal("item_id", later_item).alias("item_b"),
-            (same_user & within_gap & (later_item != pl.col("item_id"))).alias("keep"),
-        )
+        ordered.select("user", pair.alias("pair"), (same_user & within_gap & (later_item != pl.col("item"))).alias("keep"))
         .filter("keep")
         .drop("keep")
     )

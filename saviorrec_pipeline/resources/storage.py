@@ -26,7 +26,7 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         options = {
             "endpoint_url": os.environ.get("AWS_ENDPOINT_URL") or None,
             "use_listings_cache": False,
-            "retries": 5,
+            "config_kwargs": {"retries": {"max_attempts": 5, "mode": "standard"}},
         }
     return fsspec.core.url_to_fs(uri, **options)
 

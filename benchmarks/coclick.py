@@ -1,0 +1,144 @@
+"""Co-click mining benchmark: `mine_coclick_pairs` (Polars) against one DuckDB SQL query.
+
+Both engines mine the same synthetic Parquet click log with the same definition (DESIGN.md,
+"Co-click mining"); each run happens in its own subprocess so that its peak RSS is its own.
+The pair tables must be identical, or the benchmark fails.
+
+    python benchmarks/coclick.py                      # 10^6 and 10^7 events
+    python benchmarks/coclick.py --events 1000000     # one size
+
+Writes benchmarks/results/coclick.json. The number to read is `duckdb_seconds / polars_seconds`
+(> 1: Polars faster), measured in the same run on the same machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+CLICKS_PER_USER = 20
+TRAIN_DAYS = 21
+SESSION_CLICKS = 5  # a session's clicks fall within 30 minutes; sessions at random hours
+ZIPF_EXPONENT = 1.2
+
+
+def write_click_log(path: Path, events: int, seed: int = 0) -> None:
+    """About 20 clicks per user in sessions over 21 days; Zipf-distributed items."""
+    rng = np.random.default_rng(seed)
+    users = events // CLICKS_PER_USER
+    items = max(1000, events // 10)
+    user_id = np.sort(rng.integers(0, users, events))
+    # Rows are ordered by user, so consecutive runs of SESSION_CLICKS rows form a session
+    # (a run may straddle two users, which only splits a session).
+    session = np.arange(events) // SESSION_CLICKS
+    session_hour = rng.integers(0, TRAIN_DAYS * 24, session[-1] + 1)[session]
+    ts_us = (session_hour * 3600 + rng.integers(0, 1800, events)) * 1_000_000
+    item_id = (rng.zipf(ZIPF_EXPONENT, events) - 1) % items
+    pl.DataFrame(
+        {
+            "user_id": user_id.astype(np.int64),
+            "item_id": item_id.astype(np.int64),
+            "ts": pl.Series(ts_us).cast(pl.Datetime("us", "UTC")),
+        }
+    ).sample(fraction=1.0, shuffle=True, seed=seed).write_parquet(path)
+
+
+def duckdb_query(path: Path, window: int, max_gap_hours: int, min_support: int) -> str:
+    """The co-click definition as one SQL query: `lead` over each user's ordered clicks."""
+    leads = ", ".join(f"lead(item_id, {k}) OVER w AS item_{k}, lead(ts, {k}) OVER w AS ts_{k}" for k in range(1, window + 1))
+    pairs = " UNION ALL ".join(
+        f"SELECT user_id, least(item_id, item_{k}) AS item_a, greatest(item_id, item_{k}) AS item_b FROM ordered "
+        f"WHERE item_{k} <> item_id AND ts_{k} - ts <= INTERVAL {max_gap_hours} HOUR"
+        for k in range(1, window + 1)
+    )
+    return f"""
+        WITH ordered AS (
+            SELECT user_id, item_id, ts, {leads} FROM read_parquet('{path}')
+            WINDOW w AS (PARTITION BY user_id ORDER BY ts, item_id)
+        ), pairs AS ({pairs})
+        SELECT item_a, item_b, count(DISTINCT user_id)::UINTEGER AS support
+        FROM pairs GROUP BY item_a, item_b HAVING count(DISTINCT user_id) >= {min_support}
+        ORDER BY item_a, item_b
+    """
+
+
+def mine(engine: str, clicks: Path, pairs_out: Path) -> dict:
+    """Runs in a child process: mine, write the pairs, report seconds and peak RSS."""
+    start = time.perf_counter()
+    if engine == "polars":
+        from saviorrec_pipeline.method.coclick import CoclickParams, mine_coclick_pairs
+
+        pairs = mine_coclick_pairs(pl.scan_parquet(clicks), CoclickParams())
+    else:
+        import duckdb
+
+        pairs = pl.from_arrow(duckdb.sql(duckdb_query(clicks, 5, 24, 2)).to_arrow_table())
+    seconds = time.perf_counter() - start
+    pairs.write_parquet(pairs_out)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"seconds": round(seconds, 3), "peak_rss_mib": round(peak_kib / 1024, 1), "pairs": pairs.height}
+
+
+def run_child(engine: str, clicks: Path, pairs_out: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", engine, str(clicks), str(pairs_out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def benchmark(events: int, workdir: Path) -> dict:
+    clicks = workdir / f"clicks_{events}.parquet"
+    write_click_log(clicks, events)
+    result: dict = {"events": events}
+    for engine in ("polars", "duckdb"):
+        measured = run_child(engine, clicks, workdir / f"pairs_{engine}_{events}.parquet")
+        measured["events_per_s"] = round(events / measured["seconds"])
+        result[engine] = measured
+        print(f"{events:>10} events  {engine:<6} {measured}", flush=True)
+    ours = pl.read_parquet(workdir / f"pairs_polars_{events}.parquet")
+    theirs = pl.read_parquet(workdir / f"pairs_duckdb_{events}.parquet")
+    if not ours.equals(theirs):
+        raise SystemExit(f"polars and duckdb disagree at {events} events: {ours.height} vs {theirs.height} pairs")
+    result["duckdb_seconds_over_polars"] = round(result["duckdb"]["seconds"] / result["polars"]["seconds"], 2)
+    result["polars_peak_over_duckdb"] = round(result["polars"]["peak_rss_mib"] / result["duckdb"]["peak_rss_mib"], 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, nargs="+", default=[10**6, 10**7])
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "coclick.json")
+    parser.add_argument("--child", nargs=3, metavar=("ENGINE", "CLICKS", "PAIRS_OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        engine, clicks, pairs_out = args.child
+        print(json.dumps(mine(engine, Path(clicks), Path(pairs_out))))
+        return
+    with tempfile.TemporaryDirectory() as workdir:
+        runs = [benchmark(n, Path(workdir)) for n in args.events]
+    report = {
+        "benchmark": "coclick",
+        "definition": "window 5, max_gap 24h, min_support 2",
+        "data": f"about {CLICKS_PER_USER} clicks per user in sessions over {TRAIN_DAYS} days, zipf({ZIPF_EXPONENT}) items",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "polars": pl.__version__},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+import os
+from pathlib import Path
+
+import pytest
+import s3fs
+
+from saviorrec_pipeline_tests.services import S3Server, start_seaweedfs, stop, wait_until
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
+    """A SeaweedFS S3 gateway on loopback for the whole session, with credentials."""
+    workdir = tmp_path_factory.mktemp("seaweedfs")
+    process, server = start_seaweedfs(workdir)
+    try:
+        fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key, endpoint_url=server.endpoint_url)
+
+        def ready() -> bool:
+            fs.pipe("readiness/probe", b"ok")
+            return fs.cat("readiness/probe") == b"ok"
+
+        wait_until(ready, "SeaweedFS S3 gateway", process, workdir / "weed.log")
+        yield server
+    finally:
+        stop(process, timeout_s=5)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """Point this test's s3fs (through the standard AWS variables) at the test server."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server
+
+
+@pytest.fixture
+def s3_root(s3_env: S3Server, request: pytest.FixtureRequest) -> str:
+    """A fresh `s3://bucket/prefix` for one test."""
+    fs = s3fs.S3FileSystem()
+    bucket = "saviorrec-tests"
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    return f"s3://{bucket}/{request.node.name.replace('[', '-').replace(']', '')}-{os.getpid()}"
