@@ -51,6 +51,7 @@ class TableSpec:
     required: tuple[Column, ...]
     optional: tuple[Column, ...]
     id_columns: tuple[str, ...]
+    unique_ids: bool = False  # one row per id (catalog, profiles), not per event
 
     def columns(self) -> tuple[Column, ...]:
         return self.required + self.optional
@@ -84,12 +85,14 @@ ITEMS = TableSpec(
         Column("created_at", "a timestamp", pa.types.is_timestamp, UTC_TS),
     ),
     id_columns=("item_id",),
+    unique_ids=True,
 )
 USERS = TableSpec(
     name="users",
     required=(Column("user_id", "int64", _is_int, pl.Int64),),
     optional=(),
     id_columns=("user_id",),
+    unique_ids=True,
 )
 IMPRESSION_KEY = ("user_id", "item_id", "ts")
 
@@ -192,9 +195,13 @@ def day_violations(df: pl.DataFrame, day: dt.date, file: str) -> list[Violation]
     ]
 
 
-def duplicate_id_violations(spec: TableSpec, df: pl.DataFrame, where: str) -> list[Violation]:
+def duplicate_id_violations(spec: TableSpec, files: list[tuple[str, pl.DataFrame]]) -> list[Violation]:
+    """Ids must be unique across all files of the table; each file holding a repeated id is named."""
     key = spec.id_columns[0]
-    dupes = df[key].drop_nulls().filter(df[key].drop_nulls().is_duplicated()).unique().sort()
-    if not dupes.len():
-        return []
-    return [Violation(RULE_UNIQUE_IDS, where, key, f"{dupes.len()} duplicated id(s), e.g. {_example(dupes)}")]
+    ids = pl.concat([frame.select(pl.col(key), pl.lit(name).alias("file")) for name, frame in files]).drop_nulls(key)
+    repeated = ids.filter(pl.col(key).is_duplicated())
+    violations = []
+    for (name,), rows in repeated.group_by("file", maintain_order=True):
+        dupes = rows[key].unique().sort()
+        violations.append(Violation(RULE_UNIQUE_IDS, name, key, f"{dupes.len()} duplicated id(s), e.g. {_example(dupes)}"))
+    return violations

@@ -61,15 +61,11 @@ class RawStore(dg.ConfigurableResource):
         return self.inspect_impressions(day).checked()
 
     def inspect_items(self) -> RawRead:
-        read = self._read_folder(ITEMS, f"{self.root.rstrip('/')}/items", required=True)
-        read.violations += duplicate_id_violations(ITEMS, read.frame, f"{self.root.rstrip('/')}/items")
-        return read
+        return self._read_folder(ITEMS, f"{self.root.rstrip('/')}/items", required=True)
 
     def inspect_users(self) -> RawRead:
         """User profiles are optional: no `users/` folder reads as an empty table."""
-        read = self._read_folder(USERS, f"{self.root.rstrip('/')}/users", required=False)
-        read.violations += duplicate_id_violations(USERS, read.frame, f"{self.root.rstrip('/')}/users")
-        return read
+        return self._read_folder(USERS, f"{self.root.rstrip('/')}/users", required=False)
 
     def _read_folder(
         self, spec: TableSpec, folder: str, *, required: bool, day: dt.date | None = None
@@ -80,7 +76,7 @@ class RawStore(dg.ConfigurableResource):
         if not files:
             missing = [Violation(RULE_READABLE, folder, None, "no Parquet files (*.parquet) found")]
             return RawRead(empty, [], missing if required else [])
-        frames, violations = [], []
+        named_frames, violations = [], []
         for file in files:
             name = fs.unstrip_protocol(file)
             frame, problems = _read_file(fs, file, spec, name)
@@ -88,11 +84,13 @@ class RawStore(dg.ConfigurableResource):
             if frame is not None:
                 if day is not None:
                     violations += day_violations(frame, day, name)
-                frames.append(frame)
+                named_frames.append((name, frame))
+        if spec.unique_ids and named_frames:
+            violations += duplicate_id_violations(spec, named_frames)
         names = [fs.unstrip_protocol(f) for f in files]
         if violations:
             return RawRead(empty, names, violations)
-        return RawRead(pl.concat(frames, how="diagonal_relaxed"), names)
+        return RawRead(pl.concat([frame for _, frame in named_frames], how="diagonal_relaxed"), names)
 
 
 def _read_file(fs, file: str, spec: TableSpec, name: str) -> tuple[pl.DataFrame | None, list[Violation]]:
