@@ -69,15 +69,23 @@ def run_demo(spec: DemoSpec) -> int:
 
 
 def summary(result, day: str) -> str:
-    """What each asset of the run recorded, one line per asset."""
+    """One line per materialized asset with its scalar metadata, then any step failure."""
     lines = [f"saviorrec chain for partition {day}: {'succeeded' if result.success else 'FAILED'}"]
     for event in result.get_asset_materialization_events():
-        materialization = event.asset_materialization
-        shown = {k: v.value for k, v in materialization.metadata.items() if not isinstance(v.value, str) or len(v.value) < 80}
+        materialization = event.materialization
+        scalars = {
+            key: entry.value
+            for key, entry in materialization.metadata.items()
+            if isinstance(entry.value, (int, float, bool)) or (isinstance(entry.value, str) and "\n" not in entry.value)
+        }
+        shown = ", ".join(f"{key}={value}" for key, value in scalars.items())
         lines.append(f"  {materialization.asset_key.to_user_string()}: {shown}")
     for event in result.all_events:
         if event.is_step_failure:
-            lines.append(f"  step {event.step_key} failed: {event.step_failure_data.error.message.strip()}")
+            error = event.step_failure_data.error
+            while error.cause:  # the user-facing reason is the innermost one
+                error = error.cause
+            lines.append(f"  step {event.step_key} failed: {error.message.strip()}")
     return "\n".join(lines)
 
 
