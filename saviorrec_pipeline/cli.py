@@ -47,8 +47,13 @@ def run_demo(spec: DemoSpec) -> int:
     from saviorrec_pipeline.settings import load_settings
 
     settings = load_settings()
-    os.environ.setdefault("DAGSTER_HOME", f"{settings.home}/dagster")
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    if "DAGSTER_HOME" not in os.environ:
+        # The embedded default: Dagster's SQLite storage inside the project home.
+        os.environ["DAGSTER_HOME"] = f"{settings.home}/dagster"
+        instance_file = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
+        if not instance_file.exists():
+            instance_file.parent.mkdir(parents=True, exist_ok=True)
+            instance_file.write_text("# Embedded default: Dagster keeps its SQLite storage in this folder.\n")
 
     raw_root = Path(settings.raw_root)
     if not (raw_root / "impressions").is_dir():

@@ -1,5 +1,6 @@
 """The deployment files are valid as their tools read them (no Docker engine here: see README)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from dagster._core.instance.config import dagster_instance_config
+
+from saviorrec_pipeline_tests.services import executable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,3 +64,12 @@ def test_workspace_files_name_the_definitions_module():
     grpc = deployed["load_from"][0]["grpc_server"]
     assert grpc["host"] in compose["services"]
     assert f"-p {grpc['port']}" in compose["services"][grpc["host"]]["command"]
+
+
+def test_dagster_loads_the_local_workspace(tmp_path):
+    result = subprocess.run(
+        [executable("dagster"), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO, env={**os.environ, "DAGSTER_HOME": str(tmp_path)}, capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Validation successful for code location saviorrec_pipeline" in result.stdout + result.stderr
