@@ -17,6 +17,8 @@ class Settings:
     home: str
     raw_root: str
     storage_root: str
+    mlflow_tracking_uri: str
+    mlflow_artifact_root: str  # where a new experiment keeps artifacts when the store is local
     start_date: dt.date
     train_days: int
     eval_days: int
@@ -47,6 +49,8 @@ def load_settings() -> Settings:
         home=home,
         raw_root=os.environ.get("SAVIORREC_RAW_ROOT", f"{home}/raw"),
         storage_root=os.environ.get("SAVIORREC_STORAGE_ROOT", f"{home}/storage"),
+        mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db"),
+        mlflow_artifact_root=f"{home}/mlflow/artifacts",
         start_date=_date("SAVIORREC_START_DATE", "2025-07-01"),
         train_days=_positive_int("SAVIORREC_TRAIN_DAYS", 21),
         eval_days=_positive_int("SAVIORREC_EVAL_DAYS", 1),

@@ -1,0 +1,97 @@
+"""MLflow tracking for every trained model: runs tagged with their Dagster origin, registered models.
+
+The embedded default is a SQLite store with local artifacts under SAVIORREC_HOME;
+MLFLOW_TRACKING_URI points at a server instead. Models are logged as plain files (safetensors
+weights plus a JSON config) and rebuilt from code, so loading one never unpickles anything.
+"""
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import dagster as dg
+from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+EXPERIMENT = "saviorrec"
+
+
+class TrackedRun:
+    """One MLflow run, written through an explicit client (no global MLflow state)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict) -> None:
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, value)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), timestamp=now, step=step or 0)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> str:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+
+    def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
+        """Register the run's `artifact_path` as a new version of model `name`; its version."""
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source=source, run_id=self.run_id, tags=tags)
+        return version.version
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """Where runs and models go: MLFLOW_TRACKING_URI, or SQLite under SAVIORREC_HOME."""
+
+    tracking_uri: str
+    artifact_root: str
+
+    def client(self) -> MlflowClient:
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def _experiment_id(self, client: MlflowClient) -> str:
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        if experiment is not None:
+            return experiment.experiment_id
+        # A server chooses its own artifact store; a local store gets one under the project home.
+        local = not self.tracking_uri.startswith(("http://", "https://", "databricks"))
+        return client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root if local else None)
+
+    def origin_tags(self, context: dg.AssetExecutionContext) -> dict[str, str]:
+        tags = {"dagster.run_id": context.run.run_id, "dagster.asset": context.asset_key.to_user_string()}
+        if context.has_partition_key:
+            tags["dagster.partition"] = context.partition_key
+        return tags
+
+    @contextmanager
+    def start_run(self, context: dg.AssetExecutionContext, run_name: str) -> Iterator[TrackedRun]:
+        """A run tagged with the Dagster run id, asset and partition; FAILED if the block raises."""
+        client = self.client()
+        run = client.create_run(self._experiment_id(client), run_name=run_name, tags=self.origin_tags(context))
+        tracked = TrackedRun(client, run.info.run_id)
+        try:
+            yield tracked
+        except BaseException:
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            raise
+        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def download(self, artifact_uri: str, into: Path) -> Path:
+        """Artifacts of a logged model as local files."""
+        from mlflow.artifacts import download_artifacts
+
+        os.makedirs(into, exist_ok=True)
+        return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(into), tracking_uri=self.tracking_uri))

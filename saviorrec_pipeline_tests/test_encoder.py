@@ -1,0 +1,179 @@
+"""SaviorEnc: learning on planted pairs, embeddings, the Dagster chain with MLflow, bad input."""
+
+import dataclasses
+import datetime as dt
+import io
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+
+from saviorrec_pipeline.assets.coclick import coclick_pairs
+from saviorrec_pipeline.assets.encoder import i2i_retrieval, item_embeddings, item_encoder, load_encoder
+from saviorrec_pipeline.assets.raw import impressions
+from saviorrec_pipeline.demo import DemoSpec, generate_demo
+from saviorrec_pipeline.method.encoder import PRESETS, info_nce
+from saviorrec_pipeline.method.encoder_training import (
+    TrainConfig,
+    build_model,
+    catalog_tensors,
+    embed_catalog,
+    train_alignment,
+)
+from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.raw import RawStore
+from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
+from saviorrec_pipeline.resources.tracking import MlflowTracking
+
+TINY = PRESETS["tiny"]
+CPU = torch.device("cpu")
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _planted_catalog(groups: int = 4, per_group: int = 12) -> pl.DataFrame:
+    """Items of a group share a colour and a title word; a few lack their image or title."""
+    colors = [(220, 30, 30), (30, 200, 40), (40, 40, 220), (230, 230, 40)]
+    words = ["alpha", "bravo", "charlie", "delta"]
+    rows = []
+    for g in range(groups):
+        for i in range(per_group):
+            item = g * 100 + i
+            image = None if i == 0 else _png(colors[g])
+            title = None if i == 1 else f"{words[g]} item {i}"
+            rows.append((item, title, image))
+    return pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "image": pl.Binary}, orient="row")
+
+
+def test_alignment_loss_decreases_and_embeddings_are_sound():
+    catalog = catalog_tensors(_planted_catalog(), TINY)
+    rng = np.random.default_rng(0)
+    group = np.arange(len(catalog)) // 12
+    pairs = np.array([(a, b) for a in range(len(catalog)) for b in rng.choice(np.flatnonzero(group == group[a]), 4) if a != b])
+    model = build_model(TINY, seed=0)
+    history = train_alignment(model, catalog, pairs, TrainConfig(epochs=8, batch_size=32, lr=1e-3), CPU)
+    assert history[-1] < 0.8 * history[0]
+
+    z = embed_catalog(model, catalog, CPU)
+    assert z.shape == (len(catalog), TINY.embedding_dim) and z.dtype == np.float32
+    assert np.isfinite(z).all()
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    # Items missing their image (row 0 of each group) or title (row 1) are embedded, and distinctly.
+    assert not np.allclose(z[0], z[1])
+    same = (z @ z.T)[group[:, None] == group[None, :]].mean()
+    other = (z @ z.T)[group[:, None] != group[None, :]].mean()
+    assert same > other + 0.2
+
+
+def test_info_nce_prefers_aligned_pairs_and_ignores_same_item_negatives():
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    noise = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
+    assert info_nce(a, a, 0.1) < info_nce(a, noise, 0.1)
+    # A repeated item in the batch is not a negative: duplicating it changes nothing then.
+    ids = torch.arange(8)
+    dup = torch.cat([a, a[:1]]), torch.cat([a, a[:1]])
+    with_ids = info_nce(*dup, 0.1, torch.cat([ids, ids[:1]]), torch.cat([ids, ids[:1]]))
+    without = info_nce(*dup, 0.1)
+    assert with_ids < without
+
+
+SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=5, users=400, items=300, seed=3)
+EVAL_DAY = (SPEC.start_date + dt.timedelta(days=SPEC.days - 1)).isoformat()
+FAST = {"epochs": 2, "batch_size": 64, "domain_adaptation_epochs": 1}
+
+
+@pytest.fixture(scope="module")
+def demo_raw(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("encoder-demo") / "raw"
+    generate_demo(root, SPEC)
+    return root
+
+
+def _resources(raw: Path, home: Path) -> dict:
+    storage = ParquetStorage(root=str(home / "storage"))
+    return {
+        "raw": RawStore(root=str(raw)),
+        "window": TrainEvalWindow(train_days=SPEC.days - 1, eval_days=1),
+        "parquet_io_manager": ParquetIOManager(storage=storage),
+        "tracking": MlflowTracking(tracking_uri=f"sqlite:///{home}/mlflow.db", artifact_root=str(home / "artifacts")),
+    }
+
+
+def test_chain_trains_registers_and_reloads_identically(demo_raw, tmp_path):
+    resources = _resources(demo_raw, tmp_path)
+    result = dg.materialize(
+        [impressions, coclick_pairs, item_encoder, item_embeddings, i2i_retrieval],
+        partition_key=EVAL_DAY,
+        resources=resources,
+        run_config={"ops": {"item_encoder": {"config": FAST}}},
+    )
+    assert result.success
+    storage = resources["parquet_io_manager"].storage
+    reference = storage.read("item_encoder", EVAL_DAY)
+    embeddings = storage.read("item_embeddings", EVAL_DAY)
+    catalog = pl.read_parquet(demo_raw / "items" / "*.parquet")
+    assert sorted(embeddings["item_id"].to_list()) == sorted(catalog["item_id"].to_list())  # cold items too
+    vectors = embeddings["embedding"].to_numpy()
+    assert np.isfinite(vectors).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+    # Reloaded from its MLflow artifacts (safetensors + config), the model embeds identically.
+    model, _ = load_encoder(reference, resources["tracking"], tmp_path / "reloaded")
+    again = embed_catalog(model, catalog_tensors(catalog, model.config), CPU)
+    order = {item: row for row, item in enumerate(catalog["item_id"].to_list())}
+    np.testing.assert_array_equal(again[[order[i] for i in embeddings["item_id"].to_list()]], vectors)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    version = client.get_model_version("saviorrec-item-encoder", reference["model_version"][0])
+    assert version.run_id == reference["run_id"][0]
+    assert version.tags["dagster.run_id"] == result.run_id
+    assert version.tags["dagster.partition"] == EVAL_DAY
+    run = client.get_run(reference["run_id"][0])
+    assert run.data.tags["dagster.partition"] == EVAL_DAY
+    assert len(client.get_metric_history(run.info.run_id, "alignment_loss")) == FAST["epochs"]
+    assert {"pairs_per_s", "train_seconds", "final_loss"} <= run.data.metrics.keys()
+
+    report = storage.read("i2i_retrieval", EVAL_DAY)
+    assert report["variant"].to_list() == ["untuned", "domain_adaptation", "i2i_alignment", "both"]
+    assert (report["queries"] > 0).all() and report["hit_rate"].is_between(0, 1).all()
+
+
+def test_no_coclick_pairs_is_a_clear_error(demo_raw, tmp_path):
+    result = dg.materialize(
+        [coclick_pairs, item_encoder],
+        partition_key=EVAL_DAY,
+        resources=_resources(demo_raw, tmp_path),
+        run_config={"ops": {"coclick_pairs": {"config": {"min_support": 10_000}}, "item_encoder": {"config": FAST}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert f"coclick_pairs for {EVAL_DAY} is empty" in failure.step_failure_data.error.to_string()
+
+
+def test_empty_catalog_is_a_clear_error(demo_raw, tmp_path):
+    raw = tmp_path / "raw"
+    for path in demo_raw.rglob("*.parquet"):
+        target = raw / path.relative_to(demo_raw)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        frame = pl.read_parquet(path)
+        (frame.clear() if path.parent.name == "items" else frame).write_parquet(target)
+    result = dg.materialize(
+        [coclick_pairs, item_encoder],
+        partition_key=EVAL_DAY,
+        resources=_resources(raw, tmp_path),
+        run_config={"ops": {"item_encoder": {"config": FAST}}},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert "has no rows: nothing to embed" in result.get_step_failure_events()[0].step_failure_data.error.to_string()
