@@ -109,7 +109,7 @@ def measure(name: str, batch: int, steps: int, items: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: 10; 2 for paper on CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "encoder.json")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -119,7 +119,8 @@ def main() -> None:
     items = {"tiny": 4096, "paper": 2048 if cuda else 256, "minilm": 4096}
     runs = []
     for name in args.presets:
-        result = measure(name, batches[name], args.steps, items[name])
+        steps = args.steps or (2 if name == "paper" and not cuda else 10)
+        result = measure(name, batches[name], steps, items[name])
         print(json.dumps(result), flush=True)
         runs.append(result)
     report = {
