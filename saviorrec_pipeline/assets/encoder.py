@@ -112,6 +112,7 @@ def train_encoder(
     partitions_def=daily_partitions,
     io_manager_key="parquet_io_manager",
     ins={"coclick_pairs": dg.AssetIn()},
+    deps=["item_catalog"],
     description="SaviorEnc stage 1 trained on the partition's co-click pairs; a reference to the MLflow model.",
 )
 def item_encoder(
@@ -183,6 +184,7 @@ def load_encoder(reference: pl.DataFrame, tracking: MlflowTracking, into: Path) 
     group_name=GROUP,
     partitions_def=daily_partitions,
     io_manager_key="parquet_io_manager",
+    deps=["item_catalog"],
     description="z for every catalog item (cold ones included), from the partition's item_encoder.",
 )
 def item_embeddings(
