@@ -1,0 +1,237 @@
+"""SaviorEnc stage 2 (paper 3.2, eqs. 4-5): an RQ-VAE that turns z into L semantic codes.
+
+    r^1 = Enc(z);  c^l = assign(r^l, C_l);  r^{l+1} = r^l - C_l[c^l];  z_hat = Dec(sum_l C_l[c^l])
+
+During training `assign` is a Sinkhorn optimal-transport assignment (POT, torch backend) that
+spreads each batch evenly over the K codes of a level, instead of argmin, which lets a few codes
+take everything; gradients pass the quantiser straight through. Codebooks start from k-means of
+each level's residuals (faiss), and codes left unused in an epoch are re-seeded from residuals.
+
+    L = lambda0 * reconstruction + lambda1 * commitment + InfoNCE(z_hat_i, z_hat_j) over co-click pairs   (eq. 5)
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+import ot
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from saviorrec_pipeline.method.encoder import info_nce
+
+Assignment = Literal["argmin", "sinkhorn"]
+
+
+@dataclass(frozen=True)
+class RQVAEConfig:
+    """Architecture: enough to rebuild the module from code and a weights file."""
+
+    input_dim: int
+    latent_dim: int = 64  # d
+    num_levels: int = 8  # L
+    codebook_size: int = 2048  # K
+    hidden_dims: tuple[int, ...] = (256, 128)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RQVAEConfig":
+        return cls(**{**values, "hidden_dims": tuple(values["hidden_dims"])})
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(dims, dims[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(dims) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Quantized:
+    codes: torch.Tensor  # (items, L) int64
+    quantized: torch.Tensor  # (items, d): sum of the chosen codewords
+    residuals: torch.Tensor  # (L, items, d): r^l, the input of each level
+
+
+class RQVAE(nn.Module):
+    def __init__(self, config: RQVAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = _mlp([config.input_dim, *config.hidden_dims, config.latent_dim])
+        self.decoder = _mlp([config.latent_dim, *reversed(config.hidden_dims), config.input_dim])
+        self.codebooks = nn.Parameter(torch.randn(config.num_levels, config.codebook_size, config.latent_dim) * 0.01)
+
+    def quantize(self, latent: torch.Tensor, assignment: Assignment = "argmin", sinkhorn_eps: float = 0.01) -> Quantized:
+        """Eq. 4: each level picks a codeword for what the levels before it left over."""
+        residual, codes, residuals = latent, [], []
+        quantized = torch.zeros_like(latent)
+        for codebook in self.codebooks:
+            residuals.append(residual)
+            distances = torch.cdist(residual.detach().float(), codebook.detach().float()) ** 2
+            code = sinkhorn_assign(distances, sinkhorn_eps) if assignment == "sinkhorn" else distances.argmin(dim=1)
+            chosen = codebook[code]
+            codes.append(code)
+            quantized = quantized + chosen
+            residual = residual - chosen
+        return Quantized(torch.stack(codes, dim=1), quantized, torch.stack(residuals))
+
+    def forward(self, z: torch.Tensor, assignment: Assignment = "argmin") -> tuple[torch.Tensor, torch.Tensor, Quantized]:
+        """(z_hat, commitment loss, quantisation) for a batch of embeddings."""
+        latent = self.encoder(z)
+        q = self.quantize(latent, assignment)
+        # Codebook term pulls codewords to residuals; commitment term keeps the encoder near them.
+        chosen = torch.stack([self.codebooks[l][q.codes[:, l]] for l in range(self.config.num_levels)])
+        commitment = F.mse_loss(chosen, q.residuals.detach()) + 0.25 * F.mse_loss(q.residuals, chosen.detach())
+        straight_through = latent + (q.quantized - latent).detach()
+        return self.decoder(straight_through), commitment, q
+
+    @torch.no_grad()
+    def init_codebooks(self, z: torch.Tensor, seed: int = 0) -> None:
+        """k-means (faiss) on each level's residuals of the untrained encoder's latents."""
+        residual = self.encoder(z).float()
+        for level in range(self.config.num_levels):
+            kmeans = faiss.Kmeans(self.config.latent_dim, self.config.codebook_size, niter=20, seed=seed + level, verbose=False)
+            kmeans.train(np.ascontiguousarray(residual.cpu().numpy(), dtype=np.float32))
+            centroids = torch.from_numpy(kmeans.centroids).to(self.codebooks)
+            self.codebooks.data[level] = centroids
+            residual = residual - centroids[torch.cdist(residual, centroids).argmin(dim=1)]
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, usage: torch.Tensor, residuals: torch.Tensor, generator: torch.Generator) -> int:
+        """Codes no item chose (usage (L, K) == 0) move to random residuals of their level."""
+        dead_total = 0
+        for level in range(self.config.num_levels):
+            dead = torch.nonzero(usage[level] == 0).flatten()
+            if len(dead):
+                picks = torch.randint(0, residuals.shape[1], (len(dead),), generator=generator)
+                self.codebooks.data[level, dead] = residuals[level, picks].to(self.codebooks)
+                dead_total += len(dead)
+        return dead_total
+
+
+def sinkhorn_assign(distances: torch.Tensor, eps: float = 0.01, iterations: int = 100) -> torch.Tensor:
+    """Codes for a batch by entropic optimal transport: items uniform, codes uniform (POT)."""
+    items, codes = distances.shape
+    cost = distances / distances.max().clamp_min(1e-12)  # eps is relative to the largest cost
+    a = torch.full((items,), 1.0 / items, dtype=cost.dtype, device=cost.device)
+    b = torch.full((codes,), 1.0 / codes, dtype=cost.dtype, device=cost.device)
+    plan = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=iterations, warn=False)
+    return plan.argmax(dim=1)
+
+
+def rqvae_loss(
+    model: RQVAE, z: torch.Tensor, pair_z: tuple[torch.Tensor, torch.Tensor] | None,
+    lambda_reconstruct: float, lambda_commit: float, temperature: float, assignment: Assignment,
+) -> tuple[torch.Tensor, dict[str, float], Quantized]:
+    """Eq. 5 on a batch of items, with the contrastive term on a batch of co-click pairs."""
+    z_hat, commitment, q = model(z, assignment)
+    reconstruction = F.mse_loss(z_hat, z)
+    loss = lambda_reconstruct * reconstruction + lambda_commit * commitment
+    parts = {"reconstruction": reconstruction.item(), "commitment": commitment.item()}
+    if pair_z is not None:
+        hat_a, _, _ = model(pair_z[0], assignment)
+        hat_b, _, _ = model(pair_z[1], assignment)
+        contrast = info_nce(F.normalize(hat_a, dim=-1), F.normalize(hat_b, dim=-1), temperature)
+        loss = loss + contrast
+        parts["contrast"] = contrast.item()
+    return loss, parts, q
+
+
+def code_usage(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """(L, K) counts of items per code at each level."""
+    return torch.stack([torch.bincount(codes[:, l], minlength=codebook_size) for l in range(codes.shape[1])])
+
+
+def codebook_quality(codes: np.ndarray, codebook_size: int) -> dict:
+    """Per-level utilisation (share of codes used) and perplexity, and the collision rate
+    (share of items whose whole code tuple another item shares)."""
+    levels = []
+    for level in range(codes.shape[1]):
+        counts = np.bincount(codes[:, level], minlength=codebook_size)
+        p = counts[counts > 0] / len(codes)
+        levels.append({"level": level + 1, "utilisation": float((counts > 0).mean()), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    collision_rate = float((counts[inverse.ravel()] > 1).mean())
+    return {"levels": levels, "collision_rate": collision_rate}
+
+
+@dataclass(frozen=True)
+class RQVAETrainConfig:
+    epochs: int = 150
+    batch_size: int = 16384
+    lr: float = 0.002
+    lambda_reconstruct: float = 1000.0  # lambda0
+    lambda_commit: float = 0.5  # lambda1
+    temperature: float = 0.07
+    assignment: Assignment = "sinkhorn"
+    seed: int = 0
+
+
+def train_rqvae(
+    model: RQVAE, z: torch.Tensor, pairs: np.ndarray, train: RQVAETrainConfig, device: torch.device, on_epoch=None
+) -> list[dict[str, float]]:
+    """Adam over shuffled item batches; each step also takes a batch of co-click pairs (rows of z)."""
+    generator = torch.Generator().manual_seed(train.seed)
+    model.to(device).train()
+    z = z.to(device)
+    pair_rows = torch.from_numpy(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    batch = min(train.batch_size, len(z))
+    history = []
+    for epoch in range(train.epochs):
+        order = torch.randperm(len(z), generator=generator)
+        usage = torch.zeros(model.config.num_levels, model.config.codebook_size, dtype=torch.long)
+        totals: dict[str, float] = {}
+        steps = max(1, len(z) // batch)
+        for step in range(steps):
+            rows = order[step * batch : (step + 1) * batch]
+            pair_z = None
+            if len(pair_rows) >= 2:
+                picked = pair_rows[torch.randint(0, len(pair_rows), (min(batch, len(pair_rows)),), generator=generator)]
+                pair_z = (z[picked[:, 0]], z[picked[:, 1]])
+            loss, parts, q = rqvae_loss(
+                model, z[rows], pair_z, train.lambda_reconstruct, train.lambda_commit, train.temperature, train.assignment
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            usage += code_usage(q.codes.cpu(), model.config.codebook_size)
+            for key, value in {"loss": loss.item(), **parts}.items():
+                totals[key] = totals.get(key, 0.0) + value / steps
+        totals["dead_codes_reseeded"] = model.reseed_dead_codes(usage, q.residuals.detach().cpu(), generator)
+        history.append(totals)
+        if on_epoch:
+            on_epoch(epoch, totals)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def assign_codes(model: RQVAE, z: torch.Tensor, assignment: Assignment, device: torch.device, batch_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """Codes (items, L) and per-item reconstruction MSE, in batches. Sinkhorn balances within a batch."""
+    model.to(device).eval()
+    codes, errors = [], []
+    for start in range(0, len(z), batch_size):
+        chunk = z[start : start + batch_size].to(device)
+        q = model.quantize(model.encoder(chunk), assignment)
+        codes.append(q.codes.cpu().numpy())
+        errors.append(((model.decoder(q.quantized) - chunk) ** 2).mean(dim=1).cpu().numpy())
+    return np.concatenate(codes), np.concatenate(errors)
+
+
+def check_embeddings(z: np.ndarray, expected_dim: int | None, codebook_size: int, where: str) -> None:
+    """Refuse input the RQ-VAE cannot learn from, naming the problem."""
+    if z.ndim != 2 or (expected_dim is not None and z.shape[1] != expected_dim):
+        raise ValueError(f"{where}: embeddings have shape {z.shape}, expected (items, {expected_dim})")
+    bad = ~np.isfinite(z).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{where}: {int(bad.sum())} embedding(s) contain NaN or infinite values, e.g. row {int(np.flatnonzero(bad)[0])}")
+    if len(z) < codebook_size:
+        raise ValueError(f"{where}: {len(z)} items are fewer than the codebook size K={codebook_size}: lower K")

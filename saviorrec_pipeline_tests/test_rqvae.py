@@ -1,0 +1,93 @@
+"""RQ-VAE: residual arithmetic, Sinkhorn against argmin, training, quality figures, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from saviorrec_pipeline.method.rqvae import (
+    RQVAE,
+    RQVAEConfig,
+    RQVAETrainConfig,
+    assign_codes,
+    check_embeddings,
+    codebook_quality,
+    sinkhorn_assign,
+    train_rqvae,
+)
+
+CPU = torch.device("cpu")
+
+
+def _embeddings(items: int = 512, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(8, dim, generator=generator)
+    z = centers[torch.randint(0, 8, (items,), generator=generator)] + 0.3 * torch.randn(items, dim, generator=generator)
+    return torch.nn.functional.normalize(z, dim=-1)
+
+
+def test_codewords_sum_to_the_quantised_latent_and_levels_refine_it():
+    torch.manual_seed(0)
+    model = RQVAE(RQVAEConfig(input_dim=16, latent_dim=8, num_levels=3, codebook_size=16, hidden_dims=(32,)))
+    z = _embeddings()
+    model.init_codebooks(z)
+    with torch.no_grad():
+        latent = model.encoder(z)
+        q = model.quantize(latent)
+        chosen = [model.codebooks[l][q.codes[:, l]] for l in range(3)]
+        torch.testing.assert_close(q.quantized, sum(chosen))
+        torch.testing.assert_close(q.residuals[1], latent - chosen[0])
+        errors = [((latent - sum(chosen[: l + 1])) ** 2).sum(dim=1).mean().item() for l in range(3)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_sinkhorn_spreads_a_skewed_batch_that_argmin_collapses():
+    generator = torch.Generator().manual_seed(0)
+    codebook = torch.randn(16, 4, generator=generator)
+    # Points crowd around codeword 0: argmin gives nearly all of them that one code.
+    points = codebook[0] + 0.3 * torch.randn(256, 4, generator=generator)
+    distances = torch.cdist(points, codebook) ** 2
+    assert (distances.argmin(dim=1) == 0).float().mean() > 0.8
+    counts = torch.bincount(sinkhorn_assign(distances), minlength=16)
+    assert (counts > 0).all()
+    assert counts.max() <= 2 * 256 / 16
+
+
+def test_training_reduces_reconstruction_and_sinkhorn_balances_codes():
+    z = _embeddings(items=1024)
+    pairs = np.array([[i, i + 1] for i in range(0, 1000, 2)])
+    quality = {}
+    for assignment in ("argmin", "sinkhorn"):
+        torch.manual_seed(0)
+        model = RQVAE(RQVAEConfig(input_dim=16, latent_dim=8, num_levels=2, codebook_size=32, hidden_dims=(32,)))
+        model.init_codebooks(z)
+        train = RQVAETrainConfig(epochs=15, batch_size=256, lr=0.002, lambda_reconstruct=100.0, assignment=assignment)
+        history = train_rqvae(model, z, pairs, train, CPU)
+        assert history[-1]["reconstruction"] < history[0]["reconstruction"]
+        codes, errors = assign_codes(model, z, assignment, CPU)
+        assert codes.shape == (1024, 2) and errors.shape == (1024,) and np.isfinite(errors).all()
+        quality[assignment] = codebook_quality(codes, 32)["levels"][0]
+    # On 8 clusters and 32 codes, argmin leaves usage uneven; Sinkhorn spreads it near uniform.
+    assert quality["sinkhorn"]["perplexity"] > 0.9 * 32
+    assert quality["sinkhorn"]["perplexity"] > 1.3 * quality["argmin"]["perplexity"]
+
+
+def test_quality_figures_on_a_known_assignment():
+    codes = np.array([[0, 1], [0, 1], [1, 0], [2, 3]])
+    quality = codebook_quality(codes, codebook_size=4)
+    assert quality["collision_rate"] == 0.5  # the first two items share (0, 1)
+    assert quality["levels"][0]["utilisation"] == 0.75
+    p = np.array([2, 1, 1]) / 4
+    assert quality["levels"][0]["perplexity"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+
+
+@pytest.mark.parametrize(
+    "z, problem",
+    [
+        (np.full((64, 8), np.nan, dtype=np.float32), "NaN or infinite"),
+        (np.zeros((64, 5), dtype=np.float32), "expected (items, 8)"),
+        (np.zeros((10, 8), dtype=np.float32), "fewer than the codebook size K=32"),
+    ],
+)
+def test_bad_embeddings_are_refused_by_name(z, problem):
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        check_embeddings(z, expected_dim=8, codebook_size=32, where="item_embeddings/2025-07-22")
