@@ -209,3 +209,34 @@ def test_minilm_preset_embeds_with_the_shipped_text_tower():
     assert z.shape == (6, config.embedding_dim) and np.isfinite(z).all()
     # The pretrained tower reads the titles: its tokenizer is the model folder's, not CLIP's BPE.
     assert catalog.tokens.shape[1] == config.text["context_length"]
+
+
+def test_semantic_ids_through_dagster_reload_to_identical_codes(demo_raw, tmp_path):
+    from saviorrec_pipeline.assets.semantic_ids import load_rqvae, semantic_ids
+    from saviorrec_pipeline.method.rqvae import assign_codes
+
+    resources = _resources(demo_raw, tmp_path)
+    rq = {"num_levels": 2, "codebook_size": 16, "code_dim": 8, "epochs": 3, "batch_size": 128}
+    result = dg.materialize(
+        [coclick_pairs, item_encoder, item_embeddings, semantic_ids], partition_key=EVAL_DAY, resources=resources,
+        run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}}},
+    )
+    assert result.success
+    storage = resources["parquet_io_manager"].storage
+    table = storage.read("semantic_ids", EVAL_DAY)
+    embeddings = storage.read("item_embeddings", EVAL_DAY)
+    codes = table["codes"].to_numpy()
+    assert codes.shape == (embeddings.height, 2) and codes.min() >= 0 and codes.max() < 16
+    assert table["reconstruction_error"].is_finite().all()
+
+    model, saved = load_rqvae(table["rqvae_model_uri"][0], resources["tracking"], tmp_path / "rq")
+    z = torch.from_numpy(embeddings["embedding"].to_numpy())
+    again, _ = assign_codes(model, z, saved["inference_assignment"], CPU, batch_size=128)
+    np.testing.assert_array_equal(again, codes)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(table["rqvae_run_id"][0])
+    assert {"num_levels": "2", "codebook_size": "16", "code_dim": "8"}.items() <= run.data.params.items()
+    assert {"level_1_utilisation", "collision_rate", "faiss_rq_collision_rate", "reconstruction_mse"} <= run.data.metrics.keys()
+    quality = result.asset_materializations_for_node("semantic_ids")[0].metadata["codebook_quality"].value
+    assert "rq-vae (argmin)" in quality and "rq-vae (sinkhorn)" in quality

@@ -90,8 +90,12 @@ class MlflowTracking(dg.ConfigurableResource):
         client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
 
     def download(self, artifact_uri: str, into: Path) -> Path:
-        """Artifacts of a logged model as local files."""
+        """Artifacts of a logged model as local files; `models:/NAME/VERSION` resolves through this
+        resource's registry, not MLflow's process-wide default."""
         from mlflow.artifacts import download_artifacts
 
+        if artifact_uri.startswith("models:/"):
+            name, version = artifact_uri.removeprefix("models:/").rsplit("/", 1)
+            artifact_uri = self.client().get_model_version_download_uri(name, version)
         os.makedirs(into, exist_ok=True)
         return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(into), tracking_uri=self.tracking_uri))
