@@ -137,7 +137,7 @@ def semantic_ids(
                 "preset": config.preset, "num_levels": architecture.num_levels, "codebook_size": architecture.codebook_size,
                 "code_dim": architecture.latent_dim, "hidden_dims": json.dumps(architecture.hidden_dims),
                 "inference_assignment": config.inference_assignment, "items": len(z), "pairs": len(pairs),
-                **{k: v for k, v in dataclasses.asdict(training).items() if k != "seed"}, "seed": training.seed,
+                **dataclasses.asdict(training),
             }
         )
 
