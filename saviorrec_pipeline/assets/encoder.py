@@ -25,6 +25,7 @@ from saviorrec_pipeline.method.encoder_training import (
     train_alignment,
     train_domain_adaptation,
 )
+from saviorrec_pipeline.method.item_rows import pair_rows
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.profiling import track_usage
@@ -73,15 +74,6 @@ def read_catalog(raw: RawStore) -> pl.DataFrame:
     return catalog
 
 
-def pair_rows(pairs: pl.DataFrame, catalog: CatalogTensors) -> np.ndarray:
-    """Co-click pairs as catalog row indices; pairs naming an item outside the catalog are dropped."""
-    rows = pl.DataFrame({"item_id": catalog.item_ids, "row": np.arange(len(catalog))})
-    joined = pairs.join(rows.rename({"item_id": "item_a", "row": "row_a"}), on="item_a").join(
-        rows.rename({"item_id": "item_b", "row": "row_b"}), on="item_b"
-    )
-    return joined.select("row_a", "row_b").to_numpy()
-
-
 def train_encoder(
     context: dg.AssetExecutionContext, architecture: EncoderConfig, training: TrainConfig, catalog: CatalogTensors,
     pairs: np.ndarray, run: TrackedRun | None, initial_weights: str | None = None,
@@ -126,7 +118,7 @@ def item_encoder(
         )
     architecture, training = config.architecture(), config.training()
     catalog = catalog_tensors(read_catalog(raw), architecture)
-    pairs = pair_rows(coclick_pairs, catalog)
+    pairs = pair_rows(coclick_pairs, catalog.item_ids)
     if len(pairs) < 2:
         raise ValueError(
             f"only {len(pairs)} of {coclick_pairs.height} co-click pairs name catalog items: "
@@ -243,7 +235,7 @@ def i2i_retrieval(
     architecture = EncoderConfig.from_dict(saved["architecture"])
     base_training = TrainConfig(**saved["training"])
     catalog = catalog_tensors(read_catalog(raw), architecture)
-    pairs = pair_rows(coclick_pairs, catalog)
+    pairs = pair_rows(coclick_pairs, catalog.item_ids)
     device = device_for_training()
     rows = []
     with tracking.start_run(context, "i2i_retrieval") as run:

@@ -15,6 +15,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from saviorrec_pipeline.method.encoder_training import device_for_training
+from saviorrec_pipeline.method.item_rows import pair_rows
 from saviorrec_pipeline.method.rqvae import (
     RQVAE,
     RQVAEConfig,
@@ -123,13 +124,7 @@ def semantic_ids(
     architecture = config.architecture(z_np.shape[1] if z_np.ndim == 2 else -1)
     check_embeddings(z_np, architecture.input_dim, architecture.codebook_size, where)
     z = torch.from_numpy(z_np)
-    row_of = pl.DataFrame({"item_id": item_embeddings["item_id"], "row": np.arange(item_embeddings.height)})
-    pairs = (
-        coclick_pairs.join(row_of.rename({"item_id": "item_a", "row": "a"}), on="item_a")
-        .join(row_of.rename({"item_id": "item_b", "row": "b"}), on="item_b")
-        .select("a", "b")
-        .to_numpy()
-    )
+    pairs = pair_rows(coclick_pairs, item_embeddings["item_id"].to_numpy())
     training = config.training("sinkhorn")
     with tracking.start_run(context, "semantic_ids") as run:
         run.log_params(

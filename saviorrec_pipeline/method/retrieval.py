@@ -12,6 +12,8 @@ import faiss
 import numpy as np
 import polars as pl
 
+from saviorrec_pipeline.method.item_rows import with_item_rows
+
 
 @dataclass(frozen=True)
 class HitRate:
@@ -42,11 +44,7 @@ def hit_at_k(item_ids: np.ndarray, embeddings: np.ndarray, pairs: pl.DataFrame, 
     """Hit@K of `pairs` (query, next) against the catalog `item_ids` x `embeddings` (normalised)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    row_of = pl.DataFrame({"item_id": item_ids, "row": np.arange(len(item_ids))})
-    rows = (
-        pairs.join(row_of.rename({"item_id": "query", "row": "query_row"}), on="query")
-        .join(row_of.rename({"item_id": "next", "row": "next_row"}), on="next")
-    )
+    rows = with_item_rows(pairs, item_ids, ("query", "next"))
     if rows.is_empty():
         return HitRate(k, 0, 0)
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
