@@ -1,6 +1,5 @@
 """SaviorEnc: learning on planted pairs, embeddings, the Dagster chain with MLflow, bad input."""
 
-import dataclasses
 import datetime as dt
 import io
 from pathlib import Path

@@ -9,7 +9,6 @@ from typing import Literal
 import dagster as dg
 import numpy as np
 import polars as pl
-import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
