@@ -33,9 +33,7 @@ def coclick_pairs(
 ) -> dg.Output[pl.DataFrame]:
     days = window.training_days(context.partition_key)
     with track_usage() as usage:
-        clicks = pl.concat(
-            [raw.read_impressions(day).filter(pl.col("clicked") == 1).select("user_id", "item_id", "ts") for day in days]
-        )
+        clicks = raw.read_clicks(days)
         context.log.info(f"{clicks.height} click events in {days[0]}..{days[-1]}; mining pairs")
         pairs = mine_coclick_pairs(clicks, config.params())
     context.log.info(f"kept {pairs.height} pairs with support >= {config.min_support}")

@@ -225,10 +225,7 @@ def i2i_retrieval(
     context: dg.AssetExecutionContext, config: RetrievalConfig, coclick_pairs: pl.DataFrame, item_encoder: pl.DataFrame,
     raw: RawStore, window: TrainEvalWindow, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
-    clicks = pl.concat(
-        raw.read_impressions(day).filter(pl.col("clicked") == 1) for day in window.evaluation_days(context.partition_key)
-    )
-    queries = consecutive_click_pairs(clicks)
+    queries = consecutive_click_pairs(raw.read_clicks(window.evaluation_days(context.partition_key)))
     with tempfile.TemporaryDirectory() as folder:
         _, saved = load_encoder(item_encoder, tracking, Path(folder))
     architecture = EncoderConfig.from_dict(saved["architecture"])

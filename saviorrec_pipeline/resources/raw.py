@@ -60,6 +60,12 @@ class RawStore(dg.ConfigurableResource):
     def read_impressions(self, day: dt.date) -> pl.DataFrame:
         return self.inspect_impressions(day).checked()
 
+    def read_clicks(self, days: list[dt.date]) -> pl.DataFrame:
+        """The click events (`user_id`, `item_id`, `ts`) of `days`, each day validated."""
+        return pl.concat(
+            [self.read_impressions(day).filter(pl.col("clicked") == 1).select("user_id", "item_id", "ts") for day in days]
+        )
+
     def inspect_items(self) -> RawRead:
         return self._read_folder(ITEMS, f"{self.root.rstrip('/')}/items", required=True)
 
