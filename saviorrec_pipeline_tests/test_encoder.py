@@ -127,7 +127,7 @@ def test_chain_trains_registers_and_reloads_identically(demo_raw, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
     # Reloaded from its MLflow artifacts (safetensors + config), the model embeds identically.
-    model, _ = load_encoder(reference, resources["tracking"], tmp_path / "reloaded")
+    model = load_encoder(reference, resources["tracking"], tmp_path / "reloaded")
     again = embed_catalog(model, catalog_tensors(catalog, model.config), CPU)
     order = {item: row for row, item in enumerate(catalog["item_id"].to_list())}
     np.testing.assert_array_equal(again[[order[i] for i in embeddings["item_id"].to_list()]], vectors)

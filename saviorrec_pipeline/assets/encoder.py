@@ -162,13 +162,19 @@ def item_encoder(
     )
 
 
-def load_encoder(reference: pl.DataFrame, tracking: MlflowTracking, into: Path) -> tuple[SaviorEnc, dict]:
+def load_encoder(reference: pl.DataFrame, tracking: MlflowTracking, into: Path) -> SaviorEnc:
     """Rebuild the encoder from code and its safetensors weights; nothing is unpickled."""
     folder = tracking.download(reference["artifact_uri"][0], into)
     saved = json.loads((folder / CONFIG).read_text())
     model = SaviorEnc(EncoderConfig.from_dict(saved["architecture"]))
     model.load_state_dict(load_file(folder / WEIGHTS))
-    return model.eval(), saved
+    return model.eval()
+
+
+def saved_setup(reference: pl.DataFrame, tracking: MlflowTracking, into: Path) -> tuple[EncoderConfig, TrainConfig]:
+    """The architecture and training the referenced encoder was trained with (its config file only)."""
+    saved = json.loads(tracking.download(f"{reference['artifact_uri'][0]}/{CONFIG}", into).read_text())
+    return EncoderConfig.from_dict(saved["architecture"]), TrainConfig(**saved["training"])
 
 
 @dg.asset(
@@ -182,7 +188,7 @@ def item_embeddings(
     context: dg.AssetExecutionContext, item_encoder: pl.DataFrame, raw: RawStore, tracking: MlflowTracking
 ) -> dg.Output[pl.DataFrame]:
     with tempfile.TemporaryDirectory() as folder:
-        model, _ = load_encoder(item_encoder, tracking, Path(folder))
+        model = load_encoder(item_encoder, tracking, Path(folder))
     catalog = catalog_tensors(read_catalog(raw), model.config)
     with track_usage() as usage:
         vectors = embed_catalog(model, catalog, device_for_training())
@@ -227,9 +233,7 @@ def i2i_retrieval(
 ) -> dg.Output[pl.DataFrame]:
     queries = consecutive_click_pairs(raw.read_clicks(window.evaluation_days(context.partition_key)))
     with tempfile.TemporaryDirectory() as folder:
-        _, saved = load_encoder(item_encoder, tracking, Path(folder))
-    architecture = EncoderConfig.from_dict(saved["architecture"])
-    base_training = TrainConfig(**saved["training"])
+        architecture, base_training = saved_setup(item_encoder, tracking, Path(folder))
     catalog = catalog_tensors(read_catalog(raw), architecture)
     pairs = pair_rows(coclick_pairs, catalog.item_ids)
     device = device_for_training()
