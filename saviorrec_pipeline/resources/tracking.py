@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Iterator
 
 import dagster as dg
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "saviorrec"
+_PARAMS_PER_REQUEST = 100  # MLflow's limit for one log_batch call
 
 
 class TrackedRun:
@@ -27,17 +28,21 @@ class TrackedRun:
         self.run_id = run_id
 
     def log_params(self, params: dict) -> None:
-        for key, value in params.items():
-            self.client.log_param(self.run_id, key, value)
+        entries = [Param(key, str(value)) for key, value in params.items()]
+        for start in range(0, len(entries), _PARAMS_PER_REQUEST):
+            self.client.log_batch(self.run_id, params=entries[start : start + _PARAMS_PER_REQUEST])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value), timestamp=now, step=step or 0)
+        entries = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=entries)
+
+    def artifact_uri(self, artifact_path: str) -> str:
+        return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
 
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> str:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-        return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        return self.artifact_uri(artifact_path)
 
     def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
         """Register the run's `artifact_path` as a new version of model `name`; its version."""
@@ -46,8 +51,7 @@ class TrackedRun:
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source=source, run_id=self.run_id, tags=tags)
+        version = self.client.create_model_version(name, source=self.artifact_uri(artifact_path), run_id=self.run_id, tags=tags)
         return version.version
 
 
