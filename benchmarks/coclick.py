@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from report import write_report  # benchmarks/report.py, beside this script
+
 CLICKS_PER_USER = 20
 TRAIN_DAYS = 21
 SESSION_CLICKS = 5  # a session's clicks fall within 30 minutes; sessions at random hours
@@ -135,9 +137,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "polars": pl.__version__},
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import torch
 from saviorrec_pipeline.method.encoder import clip_loss, info_nce, preset
 from saviorrec_pipeline.method.encoder_training import CatalogTensors, build_model, device_for_training, embed_catalog
 
+from report import write_report  # benchmarks/report.py, beside this script
+
 
 def synthetic_catalog(items: int, image_size: int, context_length: int, seed: int = 0) -> CatalogTensors:
     rng = np.random.default_rng(seed)
@@ -129,9 +131,7 @@ def main() -> None:
                     "gpu": torch.cuda.get_device_name() if cuda else None},
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

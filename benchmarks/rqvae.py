@@ -23,6 +23,8 @@ from saviorrec_pipeline.assets.semantic_ids import PRESETS
 from saviorrec_pipeline.method.encoder_training import device_for_training
 from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, assign_codes, train_rqvae
 
+from report import write_report  # benchmarks/report.py, beside this script
+
 
 def embeddings(items: int, dim: int = 64, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -80,8 +82,7 @@ def main() -> None:
         "cpus": psutil.cpu_count(),
     }
     print(json.dumps(report, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":
