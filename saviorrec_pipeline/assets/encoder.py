@@ -21,6 +21,7 @@ from saviorrec_pipeline.method.encoder_training import (
     catalog_tensors,
     device_for_training,
     embed_catalog,
+    full_batches,
     train_alignment,
     train_domain_adaptation,
 )
@@ -132,7 +133,8 @@ def item_encoder(
             save_file(model.state_dict(), f"{folder}/{WEIGHTS}")
             Path(folder, CONFIG).write_text(json.dumps({"architecture": architecture.to_dict(), "training": dataclasses.asdict(training)}))
             artifact_uri = run.log_artifacts(Path(folder), "model")
-        trained = training.epochs * (len(pairs) // min(training.batch_size, len(pairs))) * min(training.batch_size, len(pairs))
+        batch, steps = full_batches(len(pairs), training.batch_size)
+        trained = training.epochs * steps * batch
         run.log_metrics({"final_loss": history[-1], "train_seconds": usage.seconds, "pairs_per_s": trained / usage.seconds})
         version = run.register(ENCODER_MODEL, "model", tracking.origin_tags(context))
     reference = pl.DataFrame(

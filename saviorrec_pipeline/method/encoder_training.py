@@ -152,13 +152,19 @@ def train_alignment(
     return _run_phase("alignment", model, torch.arange(len(pairs)), loss_of, train, train.epochs, device, on_step, on_epoch)
 
 
+def full_batches(examples: int, batch_size: int) -> tuple[int, int]:
+    """(batch size, steps per epoch): the ragged last batch is dropped, since in-batch negatives
+    need a full one."""
+    batch = min(batch_size, examples)
+    return batch, examples // batch
+
+
 def _run_phase(
     phase: str, model: SaviorEnc, examples: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor],
     train: TrainConfig, epochs: int, device: torch.device, on_step: StepCallback | None, on_epoch: EpochCallback | None,
 ) -> list[float]:
     generator = torch.Generator().manual_seed(train.seed)
-    batch_size = min(train.batch_size, len(examples))
-    steps = len(examples) // batch_size  # drop the ragged last batch: in-batch negatives need a full one
+    batch_size, steps = full_batches(len(examples), train.batch_size)
     optimizer, schedule = _optimizer(model, train, steps, epochs)
     model.to(device).train()
     history = []
