@@ -32,15 +32,16 @@ from saviorrec_pipeline.resources.tracking import MlflowTracking
 RQVAE_MODEL = "saviorrec-rqvae"
 WEIGHTS, CONFIG = "model.safetensors", "rqvae_config.json"
 
-# (architecture, training) per preset. `paper`: 4.1.4. `tiny`: a K the demo catalog (3,000 items) fills.
+# (architecture, training) per preset. `paper`: 4.1.4 (the codeword moving average is ours: an epoch
+# there has hundreds of steps, so it can be slow). `tiny`: a K the demo catalog (3,000 items) fills.
 PRESETS: dict[str, tuple[dict, RQVAETrainConfig]] = {
     "paper": (
         dict(latent_dim=64, num_levels=8, codebook_size=2048, hidden_dims=(512, 256, 128)),
-        RQVAETrainConfig(epochs=150, batch_size=16384, lr=0.002, lambda_reconstruct=1000.0, lambda_commit=0.5),
+        RQVAETrainConfig(epochs=150, batch_size=16384, lr=0.002, lambda_reconstruct=1000.0, lambda_commit=0.5, codebook_decay=0.99),
     ),
     "tiny": (
         dict(latent_dim=32, num_levels=3, codebook_size=64, hidden_dims=(128, 64)),
-        RQVAETrainConfig(epochs=60, batch_size=1024, lr=0.002, lambda_reconstruct=1000.0, lambda_commit=0.5),
+        RQVAETrainConfig(epochs=150, batch_size=1024, lr=0.002, lambda_reconstruct=1000.0, lambda_commit=0.5, codebook_decay=0.8),
     ),
 }
 
@@ -58,10 +59,11 @@ class SemanticIdsConfig(dg.Config):
     lambda_reconstruct: float = Field(default=1000.0, ge=0, description="lambda0 of eq. 5")
     lambda_commit: float = Field(default=0.5, ge=0, description="lambda1 of eq. 5")
     temperature: float = Field(default=0.07, gt=0, description="InfoNCE temperature on reconstructions")
-    inference_assignment: Literal["sinkhorn", "argmin"] = Field(
-        default="sinkhorn",
-        description="how the codes table is assigned: sinkhorn (balanced, as in training; depends on the "
-        "batch of items, the whole catalog in batches of batch_size) or argmin (nearest codeword, per item)",
+    inference_assignment: Literal["argmin", "sinkhorn"] = Field(
+        default="argmin",
+        description="how the codes table is assigned: argmin (each item its nearest codeword, so an item's "
+        "codes do not depend on the other items) or sinkhorn (balanced as in training, over batches of "
+        "batch_size items of the catalog, so codes can change when the catalog does)",
     )
     compare_with_argmin: bool = Field(default=True, description="also train with argmin assignment and report it")
     seed: int = 0
@@ -84,7 +86,6 @@ class SemanticIdsConfig(dg.Config):
 def _fit(architecture: RQVAEConfig, training: RQVAETrainConfig, z: torch.Tensor, pairs: np.ndarray, on_epoch=None):
     torch.manual_seed(training.seed)
     model = RQVAE(architecture)
-    model.init_codebooks(z, seed=training.seed)
     history = train_rqvae(model, z, pairs, training, device_for_training(), on_epoch)
     return model, history
 
