@@ -7,14 +7,15 @@ SAVIORREC_RAW_ROOT / SAVIORREC_STORAGE_ROOT, never of code.
 
 import dagster as dg
 
-from saviorrec_pipeline.assets import coclick, encoder, raw, semantic_ids
+from saviorrec_pipeline.assets import auc_report, coclick, ctr_model, encoder, ranking_dataset, raw, semantic_ids
 from saviorrec_pipeline.partitions import SETTINGS, TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
-all_assets = dg.load_assets_from_modules([raw, coclick, encoder, semantic_ids])
-all_checks = dg.load_asset_checks_from_modules([raw, coclick, encoder, semantic_ids])
+STAGES = [raw, coclick, encoder, semantic_ids, ranking_dataset, ctr_model, auc_report]
+all_assets = dg.load_assets_from_modules(STAGES)
+all_checks = dg.load_asset_checks_from_modules(STAGES)
 
 storage = ParquetStorage(root=SETTINGS.storage_root)
 
@@ -22,7 +23,7 @@ chain_job = dg.define_asset_job(
     "saviorrec_chain",
     selection=dg.AssetSelection.all(),
     partitions_def=daily_partitions,
-    description="The whole chain for one day D: validate the raw sources, mine co-clicks from D's training window, train SaviorEnc, embed the catalog, report i2i Hit@K, assign RQ-VAE semantic IDs.",
+    description="The whole chain for one day D: validate the raw sources, mine co-clicks from D's training window, train SaviorEnc, embed the catalog, report i2i Hit@K, assign RQ-VAE semantic IDs, build the ranking dataset, train the CTR variants and report AUC per PV bucket.",
 )
 
 defs = dg.Definitions(

@@ -38,3 +38,12 @@ def training_window_mapping() -> dg.TimeWindowPartitionMapping:
         end_offset=-SETTINGS.eval_days,
         allow_nonexistent_upstream_partitions=True,
     )
+
+
+def full_window_mapping() -> dg.TimeWindowPartitionMapping:
+    """Lineage from partition D to the raw days of its training and evaluation windows."""
+    return dg.TimeWindowPartitionMapping(
+        start_offset=-(SETTINGS.train_days + SETTINGS.eval_days - 1),
+        end_offset=0,
+        allow_nonexistent_upstream_partitions=True,
+    )

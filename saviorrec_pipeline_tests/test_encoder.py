@@ -210,15 +210,23 @@ def test_minilm_preset_embeds_with_the_shipped_text_tower():
     assert catalog.tokens.shape[1] == config.text["context_length"]
 
 
-def test_semantic_ids_through_dagster_reload_to_identical_codes(demo_raw, tmp_path):
+def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tmp_path):
+    """coclick_pairs -> ... -> auc_report for one partition on tiny presets, then the RQ-VAE and the
+    CTR model rebuilt from their MLflow artifacts reproduce the stored codes and predictions."""
+    from saviorrec_pipeline.assets.auc_report import auc_report
+    from saviorrec_pipeline.assets.ctr_model import ctr_model, load_ctr_model
+    from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
     from saviorrec_pipeline.assets.semantic_ids import load_rqvae, semantic_ids
+    from saviorrec_pipeline.method.ctr_training import ItemIndex, encode_rows, predict
     from saviorrec_pipeline.method.rqvae import assign_codes
 
     resources = _resources(demo_raw, tmp_path)
     rq = {"num_levels": 2, "codebook_size": 16, "code_dim": 8, "epochs": 3, "batch_size": 128}
+    ctr = {"preset": "ablation", "epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}
     result = dg.materialize(
-        [coclick_pairs, item_encoder, item_embeddings, semantic_ids], partition_key=EVAL_DAY, resources=resources,
-        run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}}},
+        [coclick_pairs, item_encoder, item_embeddings, semantic_ids, ranking_dataset, ctr_model, auc_report],
+        partition_key=EVAL_DAY, resources=resources,
+        run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}, "ctr_model": {"config": ctr}}},
     )
     assert result.success
     storage = resources["parquet_io_manager"].storage
@@ -239,3 +247,30 @@ def test_semantic_ids_through_dagster_reload_to_identical_codes(demo_raw, tmp_pa
     assert {"level_1_utilisation", "collision_rate", "faiss_rq_collision_rate", "reconstruction_mse"} <= run.data.metrics.keys()
     quality = result.asset_materializations_for_node("semantic_ids")[0].metadata["codebook_quality"].value
     assert "rq-vae (argmin)" in quality and "rq-vae (sinkhorn)" in quality
+
+    rows = storage.read("ranking_dataset", EVAL_DAY)
+    evaluation = rows.filter(pl.col("split") == "eval")
+    predictions = storage.read("ctr_model", EVAL_DAY)
+    variants = ["base", "no_mba", "no_mm_embedding", "no_bidir", "saviorrec"]
+    assert sorted(predictions["variant"].unique()) == sorted(variants)
+    assert predictions.group_by("variant").len()["len"].to_list() == [evaluation.height] * 5
+    assert predictions["pctr"].is_between(0, 1).all()
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["predictions_cover_evaluation_rows"] and checks["auc_defined_for_every_variant"]
+
+    # The registered saviorrec model scores the evaluation rows exactly as the asset did.
+    version = client.search_model_versions("name='saviorrec-ctr'")[0]
+    assert version.run_id in {r.info.run_id for r in client.search_runs([run.info.experiment_id], "tags.`mlflow.runName` = 'ctr_model/saviorrec'")}
+    reloaded, saved = load_ctr_model(f"models:/saviorrec-ctr/{version.version}", resources["tracking"], tmp_path / "ctr")
+    inputs = encode_rows(evaluation, ItemIndex(reloaded.item_ids.numpy()), saved["vocabularies"], reloaded.config.user_buckets, "eval")
+    scores = predict(reloaded, inputs, saved["sequence_length"], CPU)
+    stored = predictions.filter(pl.col("variant") == "saviorrec")["pctr"].to_numpy()
+    np.testing.assert_array_equal(scores.astype(np.float32), stored)
+
+    report = storage.read("auc_report", EVAL_DAY)
+    assert report.columns == ["variant", "bucket", "auc", "samples", "clicks", "items", "delta_vs_base"]
+    totals = report.filter(pl.col("bucket") == "total")
+    assert totals.height == 5 and totals["samples"].to_list() == [evaluation.height] * 5
+    assert totals["auc"].is_between(0, 1).all()
+    metadata = result.asset_materializations_for_node("auc_report")[0].metadata
+    assert "data:image/png;base64," in metadata["auc_by_pv_bucket"].value and "| saviorrec |" in metadata["report"].value

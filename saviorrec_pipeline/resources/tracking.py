@@ -81,10 +81,12 @@ class MlflowTracking(dg.ConfigurableResource):
         return tags
 
     @contextmanager
-    def start_run(self, context: dg.AssetExecutionContext, run_name: str) -> Iterator[TrackedRun]:
-        """A run tagged with the Dagster run id, asset and partition; FAILED if the block raises."""
+    def start_run(self, context: dg.AssetExecutionContext, run_name: str, parent: TrackedRun | None = None) -> Iterator[TrackedRun]:
+        """A run tagged with the Dagster run id, asset and partition (nested under `parent` when
+        given); FAILED if the block raises."""
         client = self.client()
-        run = client.create_run(self._experiment_id(client), run_name=run_name, tags=self.origin_tags(context))
+        tags = self.origin_tags(context) | ({"mlflow.parentRunId": parent.run_id} if parent else {})
+        run = client.create_run(self._experiment_id(client), run_name=run_name, tags=tags)
         tracked = TrackedRun(client, run.info.run_id)
         try:
             yield tracked

@@ -1,0 +1,209 @@
+"""The SaviorRec ranking model (paper 3.3-3.4) and its baselines, top-down.
+
+    pCTR = DNN(h_BiD-TA, other features)                                       (16)
+    h_BiD-TA = Concat(h_b, h_m, h_b2m, h_m2b)                                  (15)
+    h_b = TA(h_cand, h_seq, h_seq)     h_m = TA(z_cand, z_seq, z_seq)          (11, 12)
+    h_m2b = TA(z_cand, z_seq, h_seq)   h_b2m = TA(h_cand, h_seq, z_seq)        (13, 14)
+    h = Concat(ID, S)                  z = z_align = z + MLP(L2(Concat(v_1..v_L)))   (6-9, MBA)
+
+Variants (Tables 2-3): `base` has only the behaviour block b; `saviorrec` all four blocks with MBA;
+`no_mba` feeds the frozen z; `no_mm_embedding` starts the MBA codebook from the RQ codebooks and
+drops the skip connection to z; `no_bidir` keeps b and m only. Item-side inputs (z, codes) live in
+the model as buffers indexed by a dense item number, so a saved model scores from item ids alone.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+BLOCKS = ("b", "m", "m2b", "b2m")
+
+
+@dataclass(frozen=True)
+class Variant:
+    blocks: tuple[str, ...]
+    multimodal: bool = True  # z_cand and the m-side blocks' inputs exist
+    mba: bool = True  # z passes through MBA
+    mba_from_rq: bool = False  # MBA codebook starts from the RQ codebooks, no skip to z
+
+
+VARIANTS: dict[str, Variant] = {
+    "base": Variant(blocks=("b",), multimodal=False, mba=False),
+    "saviorrec": Variant(blocks=BLOCKS),
+    "no_mba": Variant(blocks=BLOCKS, mba=False),
+    "no_mm_embedding": Variant(blocks=BLOCKS, mba_from_rq=True),
+    "no_bidir": Variant(blocks=("b", "m")),
+}
+
+
+@dataclass(frozen=True)
+class CTRConfig:
+    """Architecture; with the item tables' shapes, enough to rebuild the module from code."""
+
+    variant: str
+    num_items: int  # dense item numbers 0..num_items-1; num_items is the padding row
+    embedding_dim: int  # D of z
+    num_levels: int  # L of the RQ codes
+    codebook_size: int  # K
+    mba_dim: int = 64  # Table 5
+    id_dim: int = 32
+    stats_dim: int = 3  # log1p(impressions), log1p(clicks), smoothed CTR
+    user_buckets: int = 100_003
+    user_dim: int = 16
+    profile_vocab_sizes: tuple[int, ...] = ()  # per profile column, index 0 = unknown
+    profile_dim: int = 8
+    attention_dim: int = 64
+    heads: int = 8
+    dnn_dims: tuple[int, ...] = (256, 128)  # + the output layer: 3 layers
+    use_base_pctr: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CTRConfig":
+        return cls(**{**values, "profile_vocab_sizes": tuple(values["profile_vocab_sizes"]), "dnn_dims": tuple(values["dnn_dims"])})
+
+
+@dataclass
+class Batch:
+    user: torch.Tensor  # (B,) hashed user id
+    profile: torch.Tensor  # (B, P) vocabulary indices
+    item: torch.Tensor  # (B,) dense item number
+    stats: torch.Tensor  # (B, 3)
+    seq_items: torch.Tensor  # (B, N) dense item numbers, padding = num_items
+    seq_stats: torch.Tensor  # (B, N, 3)
+    seq_mask: torch.Tensor  # (B, N) True where a real click
+    base_pctr: torch.Tensor  # (B, 1)
+    label: torch.Tensor | None = field(default=None)  # (B,)
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(**{k: (v.to(device) if v is not None else None) for k, v in dataclasses.asdict(self).items()})
+
+
+class CTRModel(nn.Module):
+    def __init__(self, config: CTRConfig):
+        super().__init__()
+        self.config = config
+        self.variant = VARIANTS[config.variant]
+        pad = config.num_items
+        # Item-side tables, filled by load_item_tables: frozen z (paper 3.2) and RQ codes.
+        self.register_buffer("item_ids", torch.zeros(pad, dtype=torch.long))
+        self.register_buffer("item_embeddings", torch.zeros(pad + 1, config.embedding_dim))
+        self.register_buffer("item_codes", torch.zeros(pad + 1, config.num_levels, dtype=torch.long))
+        self.item_id_embedding = nn.Embedding(pad + 1, config.id_dim, padding_idx=pad)
+        self.user_embedding = nn.Embedding(config.user_buckets, config.user_dim)
+        self.profile_embeddings = nn.ModuleList(nn.Embedding(size, config.profile_dim) for size in config.profile_vocab_sizes)
+        if self.variant.mba:
+            self.mba = MBA(config.num_levels, config.codebook_size, config.mba_dim, config.embedding_dim, skip=not self.variant.mba_from_rq)
+        h_dim, z_dim = config.id_dim + config.stats_dim, config.embedding_dim
+        self.attention = BiDirectionalTargetAttention(self.variant.blocks, h_dim, z_dim, config.attention_dim, config.heads)
+        other = config.user_dim + config.profile_dim * len(config.profile_vocab_sizes) + h_dim + int(config.use_base_pctr)
+        other += z_dim if self.variant.multimodal else 0
+        dims = [config.attention_dim * len(self.variant.blocks) + other, *config.dnn_dims, 1]
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(dims, dims[1:])):
+            layers += [nn.Linear(n_in, n_out)] + ([nn.LeakyReLU()] if i < len(dims) - 2 else [])
+        self.dnn = nn.Sequential(*layers)
+
+    def load_item_tables(self, item_ids: torch.Tensor, embeddings: torch.Tensor, codes: torch.Tensor) -> None:
+        """Ids, z and codes of items 0..num_items-1; the padding row stays zero.
+
+        z is standardised per dimension over the catalog: aligned embeddings are unit vectors in a
+        narrow cone (variance per dimension about 1e-3), too flat for the attention and the DNN."""
+        with torch.no_grad():
+            self.item_ids.copy_(item_ids)
+            self.item_embeddings[:-1] = (embeddings - embeddings.mean(dim=0)) / embeddings.std(dim=0).clamp_min(1e-6)
+            self.item_codes[:-1] = codes
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits (B,)."""
+        h_cand = torch.cat([self.item_id_embedding(batch.item), batch.stats], dim=-1)
+        h_seq = torch.cat([self.item_id_embedding(batch.seq_items), batch.seq_stats], dim=-1)
+        z_cand = z_seq = None
+        if self.variant.multimodal:
+            z_cand, z_seq = self._multimodal(batch.item), self._multimodal(batch.seq_items)
+        interest = self.attention(h_cand, h_seq, z_cand, z_seq, batch.seq_mask)
+        other = [self.user_embedding(batch.user), h_cand]
+        other += [table(batch.profile[:, i]) for i, table in enumerate(self.profile_embeddings)]
+        if z_cand is not None:
+            other.append(z_cand)
+        if self.config.use_base_pctr:
+            other.append(batch.base_pctr)
+        return self.dnn(torch.cat([interest, *other], dim=-1)).squeeze(-1)
+
+    def _multimodal(self, items: torch.Tensor) -> torch.Tensor:
+        # Each distinct item once: a batch's sequences repeat items many times over.
+        unique, inverse = torch.unique(items, return_inverse=True)
+        z = self.item_embeddings[unique]
+        if self.variant.mba:
+            z = self.mba(z, self.item_codes[unique])
+        return z[inverse]
+
+
+class MBA(nn.Module):
+    """Modal-Behavior Alignment (eqs. 6-9): a trainable codebook of the RQ shape, read at the item's
+    codes, fused by an MLP and added to the frozen z.
+
+    The codebook starts at zero and the MLP has no biases, so at initialisation z_align == z. The L2
+    normalisation is softened near zero (v / sqrt(|v|^2 + 1)): a plain one has an unbounded gradient
+    at the zero codebook, which would freeze Adagrad's step sizes after the first update."""
+
+    def __init__(self, num_levels: int, codebook_size: int, dim: int, out_dim: int, skip: bool = True):
+        super().__init__()
+        self.skip = skip
+        self.codebook = nn.Parameter(torch.zeros(num_levels, codebook_size, dim))
+        self.fuse = nn.Sequential(nn.Linear(num_levels * dim, out_dim, bias=False), nn.LeakyReLU(), nn.Linear(out_dim, out_dim, bias=False))
+
+    def forward(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        levels = torch.arange(codes.shape[-1], device=codes.device)
+        v = self.codebook[levels, codes].flatten(-2)  # (..., L * dim): Concat(v_1..v_L), eqs. 6-7
+        v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1.0)
+        v_align = self.fuse(v)  # eq. 8
+        return z + v_align if self.skip else v_align  # eq. 9
+
+
+class TargetAttention(nn.Module):
+    """TA(Q, K, V) of eq. 10 as multi-head attention of the candidate over the sequence; padded
+    positions are masked, and a user without clicks gets a zero vector."""
+
+    def __init__(self, query_dim: int, key_dim: int, value_dim: int, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention_dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.w_q, self.w_k, self.w_v = nn.Linear(query_dim, dim), nn.Linear(key_dim, dim), nn.Linear(value_dim, dim)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = keys.shape
+        q = self.w_q(query).view(batch, self.heads, 1, -1)
+        k = self.w_k(keys).view(batch, length, self.heads, -1).transpose(1, 2)
+        v = self.w_v(values).view(batch, length, self.heads, -1).transpose(1, 2)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, 1, N)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # all-masked rows -> 0
+        return (weights @ v).reshape(batch, -1)
+
+
+class BiDirectionalTargetAttention(nn.Module):
+    """Eqs. 11-15: the blocks a variant has, each TA(query side, key side, value side)."""
+
+    SIDES = {"b": ("h", "h", "h"), "m": ("z", "z", "z"), "m2b": ("z", "z", "h"), "b2m": ("h", "h", "z")}
+
+    def __init__(self, blocks: tuple[str, ...], h_dim: int, z_dim: int, dim: int, heads: int):
+        super().__init__()
+        width = {"h": h_dim, "z": z_dim}
+        self.blocks = nn.ModuleDict(
+            {name: TargetAttention(*(width[side] for side in self.SIDES[name]), dim, heads) for name in blocks}
+        )
+
+    def forward(self, h_cand, h_seq, z_cand, z_seq, mask) -> torch.Tensor:
+        cand, seq = {"h": h_cand, "z": z_cand}, {"h": h_seq, "z": z_seq}
+        outputs = []
+        for name, block in self.blocks.items():
+            q_side, k_side, v_side = self.SIDES[name]
+            outputs.append(block(cand[q_side], seq[k_side], seq[v_side], mask))
+        return torch.cat(outputs, dim=-1)

@@ -1,0 +1,74 @@
+"""AUC (paper 4.1.1), total and per item-PV bucket (Tables 1-2).
+
+AUC is the Mann-Whitney statistic on average ranks, so tied scores count one half; a group with
+only one class has no AUC (None / null), never a number.
+"""
+
+import math
+
+import numpy as np
+import polars as pl
+
+PAPER_PV_EDGES = (0, 100, 500, 1000, 5000, 10000, 20000)  # the last bucket is [20000, inf)
+
+
+def _auc_expr(score: str, label: str) -> pl.Expr:
+    positives = pl.col(label).sum()
+    negatives = pl.len() - positives
+    rank_sum = pl.col(score).rank("average").filter(pl.col(label) == 1).sum()
+    auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return pl.when((positives > 0) & (negatives > 0)).then(auc).otherwise(None)
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    frame = pl.DataFrame({"label": np.asarray(labels).astype(np.int64), "score": np.asarray(scores, dtype=np.float64)})
+    return frame.select(_auc_expr("score", "label")).item()
+
+
+def bucket_labels(edges: tuple[float, ...]) -> list[str]:
+    bounds = [*edges, math.inf]
+    return [f"[{_fmt(lo)},{_fmt(hi)})" for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _fmt(value: float) -> str:
+    return "inf" if math.isinf(value) else str(int(value)) if float(value).is_integer() else str(value)
+
+
+def auc_report(predictions: pl.DataFrame, edges: tuple[float, ...] = PAPER_PV_EDGES, baseline: str = "base") -> pl.DataFrame:
+    """Per variant: AUC over all rows (`bucket` = "total") and per PV bucket [lo, hi), with samples,
+    clicks and distinct items, and the AUC difference to `baseline` (null where either is undefined).
+
+    `predictions`: `variant`, `item_id`, `pv`, `label`, `pctr`. Rows below the first edge are refused."""
+    if list(edges) != sorted(set(edges)):
+        raise ValueError(f"PV bucket edges must be strictly increasing, got {list(edges)}")
+    below = predictions.filter(pl.col("pv") < edges[0]).height
+    if below:
+        raise ValueError(f"{below} prediction rows have pv below the first bucket edge {edges[0]}")
+    labels = bucket_labels(edges)
+    index = np.searchsorted(np.asarray(edges, dtype=np.float64), predictions["pv"].to_numpy(), side="right") - 1
+    with_bucket = predictions.with_columns(pl.Series("bucket", np.asarray(labels)[index], dtype=pl.String))
+    stats = [
+        _auc_expr("pctr", "label").alias("auc"),
+        pl.len().cast(pl.Int64).alias("samples"),
+        pl.col("label").sum().cast(pl.Int64).alias("clicks"),
+        pl.col("item_id").n_unique().cast(pl.Int64).alias("items"),
+    ]
+    total = with_bucket.group_by("variant").agg(stats).with_columns(pl.lit("total").alias("bucket"))
+    per_bucket = with_bucket.group_by("variant", "bucket").agg(stats)
+    order = {name: i for i, name in enumerate(["total", *labels])}
+    report = pl.concat([total.select(per_bucket.columns), per_bucket]).with_columns(pl.col("auc").cast(pl.Float64))
+    # Buckets with no rows are reported with zero counts and no AUC, so every report has the same shape.
+    variants = predictions["variant"].unique(maintain_order=True)
+    grid = pl.DataFrame({"variant": variants}).join(pl.DataFrame({"bucket": ["total", *labels]}), how="cross")
+    report = grid.join(report, on=["variant", "bucket"], how="left").with_columns(
+        pl.col("samples", "clicks", "items").fill_null(0)
+    )
+    base = report.filter(pl.col("variant") == baseline).select("bucket", pl.col("auc").alias("base_auc"))
+    report = report.join(base, on="bucket", how="left").with_columns((pl.col("auc") - pl.col("base_auc")).alias("delta_vs_base"))
+    return (
+        report.drop("base_auc")
+        .with_columns(pl.col("bucket").replace_strict(order, return_dtype=pl.Int32).alias("_order"))
+        .sort("variant", "_order")
+        .drop("_order")
+        .select("variant", "bucket", "auc", "samples", "clicks", "items", "delta_vs_base")
+    )
