@@ -127,7 +127,7 @@ def test_chain_trains_registers_and_reloads_identically(demo_raw, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
     # Reloaded from its MLflow artifacts (safetensors + config), the model embeds identically.
-    model = load_encoder(reference, resources["tracking"], tmp_path / "reloaded")
+    model = load_encoder(reference, resources["tracking"])
     again = embed_catalog(model, catalog_tensors(catalog, model.config), CPU)
     order = {item: row for row, item in enumerate(catalog["item_id"].to_list())}
     np.testing.assert_array_equal(again[[order[i] for i in embeddings["item_id"].to_list()]], vectors)
@@ -236,7 +236,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     assert codes.shape == (embeddings.height, 2) and codes.min() >= 0 and codes.max() < 16
     assert table["reconstruction_error"].is_finite().all()
 
-    model, saved = load_rqvae(table["rqvae_model_uri"][0], resources["tracking"], tmp_path / "rq")
+    model, saved = load_rqvae(table["rqvae_model_uri"][0], resources["tracking"])
     z = torch.from_numpy(embeddings["embedding"].to_numpy())
     again, _ = assign_codes(model, z, saved["inference_assignment"], CPU, batch_size=128)
     np.testing.assert_array_equal(again, codes)
@@ -261,7 +261,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     # The registered saviorrec model scores the evaluation rows exactly as the asset did.
     version = client.search_model_versions("name='saviorrec-ctr'")[0]
     assert version.run_id in {r.info.run_id for r in client.search_runs([run.info.experiment_id], "tags.`mlflow.runName` = 'ctr_model/saviorrec'")}
-    reloaded, saved = load_ctr_model(f"models:/saviorrec-ctr/{version.version}", resources["tracking"], tmp_path / "ctr")
+    reloaded, saved = load_ctr_model(f"models:/saviorrec-ctr/{version.version}", resources["tracking"])
     inputs = encode_rows(evaluation, ItemIndex(reloaded.item_ids.numpy()), saved["vocabularies"], reloaded.config.user_buckets, "eval")
     scores = predict(reloaded, inputs, saved["sequence_length"], CPU)
     stored = predictions.filter(pl.col("variant") == "saviorrec")["pctr"].to_numpy()

@@ -1,9 +1,6 @@
 """ctr_model: train the SaviorRec ranking model and its baselines, predict the evaluation window."""
 
 import dataclasses
-import json
-import tempfile
-from pathlib import Path
 from typing import Iterator, Literal
 
 import dagster as dg
@@ -11,7 +8,6 @@ import numpy as np
 import polars as pl
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
 from saviorrec_pipeline.assets.semantic_ids import load_rqvae
 from saviorrec_pipeline.method.ctr_model import VARIANTS, CTRConfig, CTRModel
@@ -30,7 +26,7 @@ from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
 CTR_MODEL = "saviorrec-ctr"
-WEIGHTS, CONFIG = "model.safetensors", "ctr_config.json"
+CONFIG = "ctr_config.json"
 PRESETS = {"main": ["base", "saviorrec"], "ablation": ["base", "no_mba", "no_mm_embedding", "no_bidir", "saviorrec"]}
 COVERAGE_CHECK = "predictions_cover_evaluation_rows"
 NOT_PROFILE = {
@@ -91,8 +87,7 @@ def ctr_model(
     if codes_table["codes"].null_count():
         raise ValueError(f"semantic_ids {context.partition_key}: {codes_table['codes'].null_count()} embedded item(s) have no codes")
     codes = torch.from_numpy(codes_table["codes"].to_numpy().astype(np.int64))
-    with tempfile.TemporaryDirectory() as folder:
-        rqvae, _ = load_rqvae(semantic_ids["rqvae_model_uri"][0], tracking, Path(folder))
+    rqvae, _ = load_rqvae(semantic_ids["rqvae_model_uri"][0], tracking)
     rq_codebooks = rqvae.codebooks.detach().clone()
     num_levels, codebook_size, code_dim = rq_codebooks.shape
     mba_dim = config.mba_dim or code_dim
@@ -140,12 +135,11 @@ def ctr_model(
                 throughput = settings.epochs * len(train_inputs) / max(usage.seconds, 1e-9)
                 final = {"eval_auc": history[-1].get("eval_auc", float("nan")), "eval_logloss": history[-1]["eval_logloss"]}
                 run.log_metrics({**final, "train_samples_per_s": throughput, "peak_rss_mib": usage.peak_rss_bytes / 2**20})
-                with tempfile.TemporaryDirectory() as folder:
-                    save_file(model.state_dict(), f"{folder}/{WEIGHTS}")
-                    Path(folder, CONFIG).write_text(
-                        json.dumps({"architecture": architecture.to_dict(), "vocabularies": vocabularies, "sequence_length": sequence_length})
-                    )
-                    run.log_artifacts(Path(folder), "model")
+                run.log_model(
+                    model.state_dict(),
+                    {"architecture": architecture.to_dict(), "vocabularies": vocabularies, "sequence_length": sequence_length},
+                    CONFIG,
+                )
                 if variant == "saviorrec":
                     version = run.register(CTR_MODEL, "model", tracking.origin_tags(context))
                     metadata["model"] = f"{CTR_MODEL} v{version}"
@@ -183,10 +177,9 @@ def _summary_table(summary: list) -> str:
     return "\n".join(lines)
 
 
-def load_ctr_model(model_uri: str, tracking: MlflowTracking, into: Path) -> tuple[CTRModel, dict]:
+def load_ctr_model(model_uri: str, tracking: MlflowTracking) -> tuple[CTRModel, dict]:
     """Rebuild a CTR model from code and its safetensors weights (item tables included)."""
-    folder = tracking.download(model_uri, into)
-    saved = json.loads((folder / CONFIG).read_text())
+    saved, weights = tracking.load_model_files(model_uri, CONFIG)
     model = CTRModel(CTRConfig.from_dict(saved["architecture"]))
-    model.load_state_dict(load_file(folder / WEIGHTS))
+    model.load_state_dict(weights)
     return model.eval(), saved

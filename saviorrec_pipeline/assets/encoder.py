@@ -10,7 +10,7 @@ import dagster as dg
 import numpy as np
 import polars as pl
 from pydantic import Field
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, preset, with_text_tower
 from saviorrec_pipeline.method.encoder_training import (
@@ -34,7 +34,7 @@ from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
 
 GROUP = "saviorenc"
 ENCODER_MODEL = "saviorrec-item-encoder"
-WEIGHTS, CONFIG = "model.safetensors", "encoder_config.json"
+CONFIG = "encoder_config.json"
 
 
 class ItemEncoderConfig(dg.Config):
@@ -129,10 +129,9 @@ def item_encoder(
         run.log_params({f"arch.{k}": json.dumps(v) for k, v in architecture.to_dict().items()})
         with track_usage() as usage:
             model, history = train_encoder(context, architecture, training, catalog, pairs, run, config.checkpoint_path)
-        with tempfile.TemporaryDirectory() as folder:
-            save_file(model.state_dict(), f"{folder}/{WEIGHTS}")
-            Path(folder, CONFIG).write_text(json.dumps({"architecture": architecture.to_dict(), "training": dataclasses.asdict(training)}))
-            artifact_uri = run.log_artifacts(Path(folder), "model")
+        artifact_uri = run.log_model(
+            model.state_dict(), {"architecture": architecture.to_dict(), "training": dataclasses.asdict(training)}, CONFIG
+        )
         batch, steps = full_batches(len(pairs), training.batch_size)
         trained = training.epochs * steps * batch
         run.log_metrics({"final_loss": history[-1], "train_seconds": usage.seconds, "pairs_per_s": trained / usage.seconds})
@@ -164,12 +163,11 @@ def item_encoder(
     )
 
 
-def load_encoder(reference: pl.DataFrame, tracking: MlflowTracking, into: Path) -> SaviorEnc:
+def load_encoder(reference: pl.DataFrame, tracking: MlflowTracking) -> SaviorEnc:
     """Rebuild the encoder from code and its safetensors weights; nothing is unpickled."""
-    folder = tracking.download(reference["artifact_uri"][0], into)
-    saved = json.loads((folder / CONFIG).read_text())
+    saved, weights = tracking.load_model_files(reference["artifact_uri"][0], CONFIG)
     model = SaviorEnc(EncoderConfig.from_dict(saved["architecture"]))
-    model.load_state_dict(load_file(folder / WEIGHTS))
+    model.load_state_dict(weights)
     return model.eval()
 
 
@@ -189,8 +187,7 @@ def saved_setup(reference: pl.DataFrame, tracking: MlflowTracking, into: Path) -
 def item_embeddings(
     context: dg.AssetExecutionContext, item_encoder: pl.DataFrame, raw: RawStore, tracking: MlflowTracking
 ) -> dg.Output[pl.DataFrame]:
-    with tempfile.TemporaryDirectory() as folder:
-        model = load_encoder(item_encoder, tracking, Path(folder))
+    model = load_encoder(item_encoder, tracking)
     catalog = catalog_tensors(read_catalog(raw), model.config)
     with track_usage() as usage:
         vectors = embed_catalog(model, catalog, device_for_training())

@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -12,7 +10,6 @@ import numpy as np
 import polars as pl
 import torch
 from pydantic import Field
-from safetensors.torch import load_file, save_file
 
 from saviorrec_pipeline.method.encoder_training import device_for_training
 from saviorrec_pipeline.method.item_rows import pair_rows
@@ -30,7 +27,7 @@ from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
 RQVAE_MODEL = "saviorrec-rqvae"
-WEIGHTS, CONFIG = "model.safetensors", "rqvae_config.json"
+CONFIG = "rqvae_config.json"
 
 # (architecture, training) per preset. `paper`: 4.1.4 (the codeword moving average is ours: an epoch
 # there has hundreds of steps, so it can be slow). `tiny`: a K the demo catalog (3,000 items) fills.
@@ -164,10 +161,7 @@ def semantic_ids(
             figures["argmin_collision_rate"] = compared[1][1]["collision_rate"]
             figures["argmin_level_1_utilisation"] = compared[1][1]["levels"][0]["utilisation"]
         run.log_metrics(figures)
-        with tempfile.TemporaryDirectory() as folder:
-            save_file(model.state_dict(), f"{folder}/{WEIGHTS}")
-            Path(folder, CONFIG).write_text(json.dumps({"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment}))
-            run.log_artifacts(Path(folder), "model")
+        run.log_model(model.state_dict(), {"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment}, CONFIG)
         version = run.register(RQVAE_MODEL, "model", tracking.origin_tags(context))
     table = pl.DataFrame(
         {
@@ -195,10 +189,9 @@ def semantic_ids(
     )
 
 
-def load_rqvae(artifact_uri: str, tracking: MlflowTracking, into: Path) -> tuple[RQVAE, dict]:
+def load_rqvae(model_uri: str, tracking: MlflowTracking) -> tuple[RQVAE, dict]:
     """Rebuild the RQ-VAE from code and its safetensors weights (the codebooks included)."""
-    folder = tracking.download(artifact_uri, into)
-    saved = json.loads((folder / CONFIG).read_text())
+    saved, weights = tracking.load_model_files(model_uri, CONFIG)
     model = RQVAE(RQVAEConfig.from_dict(saved["architecture"]))
-    model.load_state_dict(load_file(folder / WEIGHTS))
+    model.load_state_dict(weights)
     return model.eval(), saved

@@ -5,7 +5,9 @@ MLFLOW_TRACKING_URI points at a server instead. Models are logged as plain files
 weights plus a JSON config) and rebuilt from code, so loading one never unpickles anything.
 """
 
+import json
 import os
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +17,11 @@ import dagster as dg
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
 
 EXPERIMENT = "saviorrec"
 _PARAMS_PER_REQUEST = 100  # MLflow's limit for one log_batch call
+MODEL_WEIGHTS = "model.safetensors"
 
 
 class TrackedRun:
@@ -43,6 +47,13 @@ class TrackedRun:
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> str:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
         return self.artifact_uri(artifact_path)
+
+    def log_model(self, state_dict: dict, config: dict, config_file: str, artifact_path: str = "model") -> str:
+        """Weights as safetensors plus a JSON config under `artifact_path`; its artifact URI."""
+        with tempfile.TemporaryDirectory() as folder:
+            save_file(state_dict, f"{folder}/{MODEL_WEIGHTS}")
+            Path(folder, config_file).write_text(json.dumps(config))
+            return self.log_artifacts(Path(folder), artifact_path)
 
     def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
         """Register the run's `artifact_path` as a new version of model `name`; its version."""
@@ -94,6 +105,12 @@ class MlflowTracking(dg.ConfigurableResource):
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
             raise
         client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def load_model_files(self, model_uri: str, config_file: str) -> tuple[dict, dict]:
+        """(config, state dict) of a model logged by `TrackedRun.log_model`; nothing is unpickled."""
+        with tempfile.TemporaryDirectory() as folder:
+            local = self.download(model_uri, Path(folder))
+            return json.loads((local / config_file).read_text()), load_file(local / MODEL_WEIGHTS)
 
     def download(self, artifact_uri: str, into: Path) -> Path:
         """Artifacts of a logged model as local files; `models:/NAME/VERSION` resolves through this
