@@ -32,7 +32,7 @@ def _impressions(rows: int = 3000, seed: int = 0) -> pl.DataFrame:
 
 def _build(impressions: pl.DataFrame, catalog: pl.DataFrame | None = None) -> pl.DataFrame:
     catalog = catalog if catalog is not None else pl.DataFrame({"item_id": np.arange(1, 40)})
-    return build_ranking_rows(impressions.lazy(), catalog.lazy(), None, EVAL_START, SPEC).collect()
+    return build_ranking_rows(impressions.lazy(), catalog.lazy(), None, EVAL_START, SPEC).collect(engine="streaming")
 
 
 def test_features_match_a_brute_force_recount():

@@ -41,7 +41,7 @@ def ranking_dataset(
         users = raw.inspect_users().checked()
         profiles = users if users.height else None
         unknown = impressions.join(catalog, on="item_id", how="anti").height
-        rows = build_ranking_rows(impressions.lazy(), catalog.lazy(), profiles.lazy() if profiles is not None else None, eval_start, config.spec()).collect()
+        rows = build_ranking_rows(impressions.lazy(), catalog.lazy(), profiles.lazy() if profiles is not None else None, eval_start, config.spec()).collect(engine="streaming")
     if unknown:
         context.log.warning(f"dropped {unknown} impressions of items missing from the catalog")
     split_counts = dict(rows.group_by("split").len().iter_rows())
