@@ -83,14 +83,18 @@ def run_demo(spec: DemoSpec) -> int:
 
 
 def summary(result, day: str) -> str:
-    """One line per materialized asset with its scalar metadata, then any step failure."""
+    """One line per materialized asset with its scalar metadata (not tables or images), then any
+    step failure."""
+    import dagster as dg
+
     lines = [f"saviorrec chain for partition {day}: {'succeeded' if result.success else 'FAILED'}"]
     for event in result.get_asset_materialization_events():
         materialization = event.materialization
         scalars = {
             key: entry.value
             for key, entry in materialization.metadata.items()
-            if isinstance(entry.value, (int, float, bool)) or (isinstance(entry.value, str) and "\n" not in entry.value)
+            if isinstance(entry.value, (int, float, bool))
+            or (isinstance(entry.value, str) and "\n" not in entry.value and not isinstance(entry, dg.MarkdownMetadataValue))
         }
         shown = ", ".join(f"{key}={value}" for key, value in scalars.items())
         lines.append(f"  {materialization.asset_key.to_user_string()}: {shown}")

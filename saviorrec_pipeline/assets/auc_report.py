@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from saviorrec_pipeline.method.metrics import PAPER_PV_EDGES, auc_report as build_report
+from saviorrec_pipeline.method.metrics import PAPER_PV_EDGES, auc_report as build_report, format_edges
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
@@ -42,7 +42,7 @@ def auc_report(context: dg.AssetExecutionContext, config: AucReportConfig, ctr_m
     table = markdown_table(report, edges)
     chart = bar_chart_png(report)
     with tracking.start_run(context, "auc_report") as run:
-        run.log_params({"pv_edges": " ".join(str(e) for e in edges)})
+        run.log_params({"pv_edges": format_edges(edges)})
         totals = report.filter(pl.col("bucket") == "total")
         run.log_metrics({f"{v}_auc": a for v, a in totals.select("variant", "auc").iter_rows() if a is not None})
         with tempfile.TemporaryDirectory() as folder:
@@ -54,7 +54,7 @@ def auc_report(context: dg.AssetExecutionContext, config: AucReportConfig, ctr_m
     yield dg.Output(
         report,
         metadata={
-            "pv_edges": " ".join(str(e) for e in edges),
+            "pv_edges": format_edges(edges),
             "report": dg.MetadataValue.md(table),
             "auc_by_pv_bucket": dg.MetadataValue.md(f"![AUC by PV bucket](data:image/png;base64,{base64.b64encode(chart).decode()})"),
             "mlflow_run_id": run.run_id,
@@ -74,7 +74,7 @@ def auc_report(context: dg.AssetExecutionContext, config: AucReportConfig, ctr_m
 def markdown_table(report: pl.DataFrame, edges: tuple[float, ...]) -> str:
     """Variants as rows, buckets as columns (AUC in %, delta to base), then the bucket sizes (Table 1)."""
     buckets = report["bucket"].unique(maintain_order=True).to_list()
-    lines = [f"PV bucket edges: {' '.join(str(e) for e in edges)}", "", "| variant | " + " | ".join(buckets) + " |", "|---" * (len(buckets) + 1) + "|"]
+    lines = [f"PV bucket edges: {format_edges(edges)}", "", "| variant | " + " | ".join(buckets) + " |", "|---" * (len(buckets) + 1) + "|"]
     for variant in report["variant"].unique(maintain_order=True):
         rows = {r["bucket"]: r for r in report.filter(pl.col("variant") == variant).iter_rows(named=True)}
         cells = []

@@ -30,6 +30,10 @@ def bucket_labels(edges: tuple[float, ...]) -> list[str]:
     return [f"[{_fmt(lo)},{_fmt(hi)})" for lo, hi in zip(bounds, bounds[1:])]
 
 
+def format_edges(edges: tuple[float, ...]) -> str:
+    return " ".join(_fmt(e) for e in edges)
+
+
 def _fmt(value: float) -> str:
     return "inf" if math.isinf(value) else str(int(value)) if float(value).is_integer() else str(value)
 
