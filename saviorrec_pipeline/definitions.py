@@ -8,10 +8,13 @@ SAVIORREC_RAW_ROOT / SAVIORREC_STORAGE_ROOT, never of code.
 import dagster as dg
 
 from saviorrec_pipeline.assets import auc_report, coclick, ctr_model, encoder, ranking_dataset, raw, semantic_ids
-from saviorrec_pipeline.partitions import SETTINGS, TrainEvalWindow, daily_partitions
+from saviorrec_pipeline.jobs import chain_job
+from saviorrec_pipeline.partitions import SETTINGS, TrainEvalWindow
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
+from saviorrec_pipeline.schedules import daily_retrain
+from saviorrec_pipeline.sensors import raw_day_landed
 
 STAGES = [raw, coclick, encoder, semantic_ids, ranking_dataset, ctr_model, auc_report]
 all_assets = dg.load_assets_from_modules(STAGES)
@@ -19,17 +22,12 @@ all_checks = dg.load_asset_checks_from_modules(STAGES)
 
 storage = ParquetStorage(root=SETTINGS.storage_root)
 
-chain_job = dg.define_asset_job(
-    "saviorrec_chain",
-    selection=dg.AssetSelection.all(),
-    partitions_def=daily_partitions,
-    description="The whole chain for one day D: validate the raw sources, mine co-clicks from D's training window, train SaviorEnc, embed the catalog, report i2i Hit@K, assign RQ-VAE semantic IDs, build the ranking dataset, train the CTR variants and report AUC per PV bucket.",
-)
-
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[chain_job],
+    schedules=[daily_retrain],
+    sensors=[raw_day_landed],
     resources={
         "raw": RawStore(root=SETTINGS.raw_root),
         "window": TrainEvalWindow(),

@@ -21,6 +21,7 @@ from saviorrec_pipeline.method.ctr_training import (
 )
 from saviorrec_pipeline.method.encoder_training import device_for_training
 from saviorrec_pipeline.method.ranking_features import EVAL, TRAIN
+from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -65,6 +66,7 @@ class CTRModelConfig(dg.Config):
     partitions_def=daily_partitions,
     io_manager_key="parquet_io_manager",
     ins={"ranking_dataset": dg.AssetIn(), "item_embeddings": dg.AssetIn(), "semantic_ids": dg.AssetIn()},
+    pool=TRAINING_POOL,
     check_specs=[dg.AssetCheckSpec(COVERAGE_CHECK, asset="ctr_model", description="one prediction per variant and kept evaluation impression")],
     description="Evaluation-window predictions of every CTR variant (impression key, variant, pctr, label, item pv).",
 )

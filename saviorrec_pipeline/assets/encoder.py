@@ -27,6 +27,7 @@ from saviorrec_pipeline.method.encoder_training import (
 )
 from saviorrec_pipeline.method.item_rows import pair_rows
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
+from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.raw import RawStore
@@ -104,6 +105,7 @@ def train_encoder(
     partitions_def=daily_partitions,
     io_manager_key="parquet_io_manager",
     ins={"coclick_pairs": dg.AssetIn()},
+    pool=TRAINING_POOL,
     deps=["item_catalog"],
     description="SaviorEnc stage 1 trained on the partition's co-click pairs; a reference to the MLflow model.",
 )
@@ -224,6 +226,7 @@ TABLE4_VARIANTS = (  # (name, domain adaptation, i2i alignment)
     partitions_def=daily_partitions,
     io_manager_key="parquet_io_manager",
     ins={"coclick_pairs": dg.AssetIn(), "item_encoder": dg.AssetIn()},
+    pool=TRAINING_POOL,
     description="Paper Table 4: Hit@K of i2i retrieval on the evaluation window, per encoder training variant.",
 )
 def i2i_retrieval(

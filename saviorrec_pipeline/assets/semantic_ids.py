@@ -22,6 +22,7 @@ from saviorrec_pipeline.method.rqvae import (
     codebook_quality,
     train_rqvae,
 )
+from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -109,6 +110,7 @@ def _quality_table(rows: list[tuple[str, dict]]) -> str:
     partitions_def=daily_partitions,
     io_manager_key="parquet_io_manager",
     ins={"item_embeddings": dg.AssetIn(), "coclick_pairs": dg.AssetIn()},
+    pool=TRAINING_POOL,
     description="RQ-VAE semantic IDs (L codes per item) of the item embeddings, with reconstruction error.",
 )
 def semantic_ids(

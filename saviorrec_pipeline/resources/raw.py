@@ -57,6 +57,22 @@ class RawStore(dg.ConfigurableResource):
         read.duplicates_dropped = before - read.frame.height
         return read
 
+    def days_with_impressions(self) -> list[dt.date]:
+        """Days whose `impressions/date=YYYY-MM-DD/` folder holds at least one Parquet file."""
+        fs, path = filesystem(f"{self.root.rstrip('/')}/impressions")
+        if not fs.isdir(path):
+            return []
+        days = []
+        for folder in fs.ls(path, detail=False):
+            name = folder.rstrip("/").rsplit("/", 1)[-1]
+            try:
+                day = dt.date.fromisoformat(name.removeprefix("date="))
+            except ValueError:
+                continue  # not a day folder
+            if name.startswith("date=") and fs.glob(f"{folder}/*.parquet"):
+                days.append(day)
+        return sorted(days)
+
     def read_impressions(self, day: dt.date) -> pl.DataFrame:
         return self.inspect_impressions(day).checked()
 
