@@ -3,10 +3,14 @@
 import argparse
 import datetime as dt
 import os
+import shutil
 import sys
 from pathlib import Path
 
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
+
+# The checkout's embedded default Dagster instance, used when DAGSTER_HOME is not set.
+EMBEDDED_INSTANCE = Path(__file__).resolve().parents[1] / "dagster.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +57,14 @@ def run_demo(spec: DemoSpec) -> int:
 
     settings = load_settings()
     if "DAGSTER_HOME" not in os.environ:
-        # The embedded default: Dagster's SQLite storage inside the project home.
+        # The embedded default instance (the checkout's dagster.yaml): SQLite inside the project home.
         os.environ["DAGSTER_HOME"] = f"{settings.home}/dagster"
         instance_file = Path(os.environ["DAGSTER_HOME"]) / "dagster.yaml"
         if not instance_file.exists():
+            if not EMBEDDED_INSTANCE.exists():
+                raise SystemExit(f"{EMBEDDED_INSTANCE} not found (not run from a checkout): set DAGSTER_HOME")
             instance_file.parent.mkdir(parents=True, exist_ok=True)
-            instance_file.write_text("# Embedded default: Dagster keeps its SQLite storage in this folder.\n")
+            shutil.copyfile(EMBEDDED_INSTANCE, instance_file)
 
     raw_root = Path(settings.raw_root)
     if not (raw_root / "impressions").is_dir():

@@ -2,10 +2,14 @@
 
 Loaded by `dagster dev` through workspace.yaml, and by `-m saviorrec_pipeline.definitions`.
 Where data lives comes from the environment (settings.py); switching disk to S3 is a change of
-SAVIORREC_RAW_ROOT / SAVIORREC_STORAGE_ROOT, never of code.
+SAVIORREC_RAW_ROOT / SAVIORREC_STORAGE_ROOT, never of code. Likewise SAVIORREC_K8S_EXECUTOR_CONFIG
+moves the steps from the run's process to Kubernetes Jobs (deploy/k8s/executor.yaml).
 """
 
+from pathlib import Path
+
 import dagster as dg
+import yaml
 
 from saviorrec_pipeline.assets import auc_report, coclick, ctr_model, encoder, ranking_dataset, raw, semantic_ids
 from saviorrec_pipeline.jobs import chain_job
@@ -22,12 +26,23 @@ all_checks = dg.load_asset_checks_from_modules(STAGES)
 
 storage = ParquetStorage(root=SETTINGS.storage_root)
 
+
+def k8s_executor(config_file: str) -> dg.ExecutorDefinition:
+    """dagster-k8s' k8s_job_executor configured by `config_file` (the optional extra `k8s`)."""
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor.configured(yaml.safe_load(Path(config_file).read_text()), name="saviorrec_k8s")
+
+
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[chain_job],
     schedules=[daily_retrain],
     sensors=[raw_day_landed],
+    # On one machine, steps run in the run's own process: a process per step would import torch
+    # again for each (seconds per step), and the training pool lets one training step run at a time.
+    executor=k8s_executor(SETTINGS.k8s_executor_config) if SETTINGS.k8s_executor_config else dg.in_process_executor,
     resources={
         "raw": RawStore(root=SETTINGS.raw_root),
         "window": TrainEvalWindow(),

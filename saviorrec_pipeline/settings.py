@@ -22,6 +22,7 @@ class Settings:
     start_date: dt.date
     train_days: int
     eval_days: int
+    k8s_executor_config: str | None  # a k8s_job_executor YAML: every step its own Kubernetes Job
 
 
 def _positive_int(name: str, default: int) -> int:
@@ -54,4 +55,5 @@ def load_settings() -> Settings:
         start_date=_date("SAVIORREC_START_DATE", "2025-07-01"),
         train_days=_positive_int("SAVIORREC_TRAIN_DAYS", 21),
         eval_days=_positive_int("SAVIORREC_EVAL_DAYS", 1),
+        k8s_executor_config=os.environ.get("SAVIORREC_K8S_EXECUTOR_CONFIG") or None,
     )

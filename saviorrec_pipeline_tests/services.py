@@ -1,5 +1,6 @@
 """Real services for tests, run natively on loopback ports and stopped by their pid."""
 
+import glob
 import json
 import os
 import shutil
@@ -44,11 +45,11 @@ def wait_until(ready: Callable[[], bool], what: str, process: subprocess.Popen, 
     raise TimeoutError(f"{what} not ready after {timeout_s}s; log {log}:\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 10) -> None:
-    """SIGTERM the service's process group, SIGKILL it if it ignores that."""
+def stop(process: subprocess.Popen, timeout_s: float = 10, sig: int = signal.SIGTERM) -> None:
+    """Signal the service's process group (SIGTERM unless told), SIGKILL it if it ignores that."""
     if process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, sig)
     try:
         process.wait(timeout_s)
     except subprocess.TimeoutExpired:
@@ -116,3 +117,149 @@ def start_seaweedfs(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}", server.access_key, server.secret_key)
     return process, server
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    host: str
+    port: int
+    user: str
+    password: str
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self.user}:{self.password}@{self.host}:{self.port}/{database}"
+
+
+def postgres_bin() -> Path:
+    """Debian's PostgreSQL server binaries (the newest installed major version)."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if not found:
+        raise RuntimeError("PostgreSQL not found in /usr/lib/postgresql: `apt-get install postgresql` (.ci/run does)")
+    return Path(found[-1]).parent
+
+
+def start_postgres(workdir: Path, user: str, password: str) -> tuple[subprocess.Popen, PostgresServer]:
+    """A fresh cluster with password authentication, listening on loopback only.
+
+    PostgreSQL refuses to run as root, so as root it runs as Debian's `postgres` user, in a
+    folder that user owns.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    as_server_user: list[str] = []
+    if os.geteuid() == 0:
+        as_server_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(workdir, "postgres")
+    data, password_file, log = workdir / "data", workdir / "password", workdir / "postgres.log"
+    password_file.write_text(password)
+    if as_server_user:
+        shutil.chown(password_file, "postgres")
+    bin_dir = postgres_bin()
+    subprocess.run(
+        [*as_server_user, str(bin_dir / "initdb"), "-D", str(data), "-U", user, f"--pwfile={password_file}",
+         "--auth=scram-sha-256", "--encoding=UTF8", "--no-instructions"],
+        check=True, capture_output=True,
+    )
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [*as_server_user, str(bin_dir / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port), "-k", str(workdir)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    return process, PostgresServer("127.0.0.1", port, user, password)
+
+
+def start_mlflow_server(workdir: Path, backend_store_uri: str, artifacts_destination: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on loopback with the given backend store, proxying artifacts to their destination."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = workdir / "mlflow.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [executable("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir, env=env,
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def graphql(url: str, query: str, variables: dict | None = None, timeout_s: float = 30) -> dict:
+    """POST one query to a Dagster webserver's `/graphql`; its `data`, or RuntimeError with its `errors`."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        body = json.loads(response.read())
+    if body.get("errors"):
+        raise RuntimeError(f"GraphQL errors: {json.dumps(body['errors'], indent=1)[:3000]}")
+    return body["data"]
+
+
+def start_dagster_dev(workspace: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`dagster dev -w workspace` on a free loopback port, from the workspace's folder: the webserver,
+    the daemon (which dequeues and launches runs) and one code server they share, in one process
+    group (stop it with `stop_group`). Returns the process and the UI's URL; see `wait_for_dagster`."""
+    port = free_port()
+    command = [executable("dagster"), "dev", "-w", str(workspace), "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=workspace.parent, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
+_LOCATIONS = """{ workspaceOrError { ... on Workspace { locationEntries {
+    name loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
+
+
+def wait_for_dagster(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Until the webserver answers and every code location of its workspace has loaded; fails at
+    once if the process exits or a location fails to load, with the tail of the log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"dagster exited with {process.returncode}; log {log}:\n{log.read_text()[-3000:]}")
+        try:
+            entries = graphql(url, _LOCATIONS, timeout_s=5)["workspaceOrError"].get("locationEntries") or []
+        except OSError:  # not listening yet
+            entries = []
+        for entry in entries:
+            error = entry["locationOrLoadError"] or {}
+            if error.get("__typename") == "PythonError":
+                raise RuntimeError(f"code location {entry['name']} failed to load:\n{error['message'][-3000:]}")
+        if entries and all(entry["loadStatus"] == "LOADED" for entry in entries):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"dagster at {url} not ready after {timeout_s}s; log {log}:\n{log.read_text()[-3000:]}")
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGTERM a service's whole process group and wait until every member has exited, not only the
+    leader (`dagster dev`'s webserver, daemon, code servers and run workers); SIGKILL what is left."""
+    pgid = process.pid
+    deadline = time.monotonic() + timeout_s
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # all gone
+    process.wait()

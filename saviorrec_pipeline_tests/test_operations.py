@@ -7,7 +7,6 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-from dagster._core.instance.config import dagster_instance_config
 
 from saviorrec_pipeline.definitions import defs
 from saviorrec_pipeline.jobs import TRAINING_POOL
@@ -63,12 +62,8 @@ def test_sensor_is_off_by_default_and_requests_each_landed_day_once(tmp_path):
     assert [r.partition_key for r in later.run_requests] == ["2025-07-22"]
 
 
-def test_training_stages_share_one_pool_limited_to_one_in_dagster_yaml(tmp_path, monkeypatch):
+def test_training_stages_share_one_pool():
+    # Its limit of one step at a time is set by both instance files (test_deployment).
     graph = defs.resolve_asset_graph()
     pooled = {key.to_user_string() for key in graph.get_all_asset_keys() if TRAINING_POOL in graph.get(key).pools}
     assert pooled == {"item_encoder", "i2i_retrieval", "semantic_ids", "ctr_model"}
-    for name in ("HOST", "PORT", "DB", "USER", "PASSWORD"):
-        monkeypatch.setenv(f"DAGSTER_POSTGRES_{name}", "5432" if name == "PORT" else "x")
-    (tmp_path / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())
-    config, _ = dagster_instance_config(str(tmp_path))
-    assert config["concurrency"]["pools"]["default_limit"] == 1
