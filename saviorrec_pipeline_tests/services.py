@@ -1,5 +1,6 @@
 """Real services for tests, run natively on loopback ports and stopped by their pid."""
 
+import datetime as dt
 import glob
 import json
 import os
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,16 +47,50 @@ def wait_until(ready: Callable[[], bool], what: str, process: subprocess.Popen, 
     raise TimeoutError(f"{what} not ready after {timeout_s}s; log {log}:\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen, timeout_s: float = 10, sig: int = signal.SIGTERM) -> None:
-    """Signal the service's process group (SIGTERM unless told), SIGKILL it if it ignores that."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, sig)
+def stop(process: subprocess.Popen, timeout_s: float = 30, sig: int = signal.SIGTERM) -> None:
+    """Signal a service's whole process group (SIGTERM unless told) and wait until every member has
+    exited, not only the leader (a daemon's code servers and run workers); SIGKILL what is left."""
+    pgid = process.pid
+    deadline = time.monotonic() + timeout_s
     try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        os.killpg(pgid, sig)
+        while group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if group_members(pgid):
+            os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # all gone
+    process.wait()
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(pgrp) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def isolated_environ() -> dict[str, str]:
+    """This process's environment without the project's, Dagster's, AWS's and MLflow's variables,
+    so a test's subprocess sees only what the test gives it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SAVIORREC_", "DAGSTER_", "AWS_", "MLFLOW_"))}
+
+
+def project_env(home: Path, start_date: dt.date, train_days: int) -> dict[str, str]:
+    """A command's environment for a project home with its own Dagster instance folder."""
+    return {
+        **isolated_environ(),
+        "SAVIORREC_HOME": str(home),
+        "SAVIORREC_START_DATE": start_date.isoformat(),
+        "SAVIORREC_TRAIN_DAYS": str(train_days),
+        "DAGSTER_HOME": str(home / "dagster"),
+    }
 
 
 def executable(name: str) -> str:
@@ -184,8 +220,6 @@ def start_mlflow_server(workdir: Path, backend_store_uri: str, artifacts_destina
 
 def graphql(url: str, query: str, variables: dict | None = None, timeout_s: float = 30) -> dict:
     """POST one query to a Dagster webserver's `/graphql`; its `data`, or RuntimeError with its `errors`."""
-    import urllib.request
-
     request = urllib.request.Request(
         f"{url}/graphql",
         data=json.dumps({"query": query, "variables": variables or {}}).encode(),
@@ -201,7 +235,7 @@ def graphql(url: str, query: str, variables: dict | None = None, timeout_s: floa
 def start_dagster_dev(workspace: Path, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
     """`dagster dev -w workspace` on a free loopback port, from the workspace's folder: the webserver,
     the daemon (which dequeues and launches runs) and one code server they share, in one process
-    group (stop it with `stop_group`). Returns the process and the UI's URL; see `wait_for_dagster`."""
+    group (stop it with `stop`). Returns the process and the UI's URL; see `wait_for_dagster`."""
     port = free_port()
     command = [executable("dagster"), "dev", "-w", str(workspace), "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
@@ -234,32 +268,3 @@ def wait_for_dagster(url: str, process: subprocess.Popen, log: Path, timeout_s: 
             return
         time.sleep(0.5)
     raise TimeoutError(f"dagster at {url} not ready after {timeout_s}s; log {log}:\n{log.read_text()[-3000:]}")
-
-
-def group_members(pgid: int) -> list[int]:
-    """The live (not zombie) processes of a process group, from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
-        except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile
-        if int(pgrp) == pgid and state != "Z":
-            members.append(int(stat.parent.name))
-    return members
-
-
-def stop_group(process: subprocess.Popen, timeout_s: float = 30) -> None:
-    """SIGTERM a service's whole process group and wait until every member has exited, not only the
-    leader (`dagster dev`'s webserver, daemon, code servers and run workers); SIGKILL what is left."""
-    pgid = process.pid
-    deadline = time.monotonic() + timeout_s
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if group_members(pgid):
-            os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass  # all gone
-    process.wait()

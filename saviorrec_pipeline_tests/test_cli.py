@@ -1,14 +1,13 @@
 """The commands users type, run as subprocesses: demo generation, the demo, a CLI backfill."""
 
 import datetime as dt
-import os
 import subprocess
 from pathlib import Path
 
 import polars as pl
 
 from saviorrec_pipeline.method.coclick import mine_coclick_pairs
-from saviorrec_pipeline_tests.services import executable
+from saviorrec_pipeline_tests.services import executable, project_env
 
 START = dt.date(2025, 7, 1)
 DAYS = 5
@@ -17,15 +16,8 @@ SIZE = ["--days", str(DAYS), "--users", "200", "--items", "300", "--seed", "5"]
 
 
 def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAVIORREC_", "DAGSTER_", "AWS_"))}
-    env.update(
-        SAVIORREC_HOME=str(home),
-        SAVIORREC_START_DATE=START.isoformat(),
-        SAVIORREC_TRAIN_DAYS=str(DAYS - 1),
-        DAGSTER_HOME=str(home / "dagster"),
-    )
     (home / "dagster").mkdir(parents=True, exist_ok=True)
-    return env
+    return project_env(home, START, train_days=DAYS - 1)
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

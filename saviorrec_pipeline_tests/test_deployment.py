@@ -10,17 +10,11 @@ from pathlib import Path
 import pytest
 import dagster as dg
 import yaml
-from dagster._core.instance.ref import InstanceRef
 from dagster._core.instance.config import dagster_instance_config
+from dagster._core.instance.ref import InstanceRef
 
+from saviorrec_pipeline_tests.deployment_files import REPO, env_example
 from saviorrec_pipeline_tests.services import executable
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _env_example() -> dict[str, str]:
-    pairs = [line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines() if "=" in line and not line.startswith("#")]
-    return {key: value for key, value in pairs}
 
 
 def _compose_config(tmp_path: Path) -> dict:
@@ -65,7 +59,7 @@ def test_compose_file_is_valid_and_complete(tmp_path):
     for name in ("webserver", "daemon"):
         assert needs[name]["code-location"]["condition"] == "service_healthy"
     # The buckets the pipeline and MLflow write to are the ones created at start.
-    env = _env_example()
+    env = env_example()
     assert "'SAVIORREC_BUCKET', 'MLFLOW_BUCKET'" in services["create-buckets"]["command"]
     pipeline_env = services["code-location"]["environment"]
     assert pipeline_env["SAVIORREC_STORAGE_ROOT"].startswith(f"s3://{env['SAVIORREC_BUCKET']}/")
@@ -78,16 +72,16 @@ def test_compose_file_is_valid_and_complete(tmp_path):
             assert variable in service["environment"], f"{name} uses ${variable}, not in its environment"
 
 
-def test_every_compose_variable_is_defined_in_the_env_example():
+def test_every_compose_variable_is_defined_in_theenv_example():
     used = set(re.findall(r"(?<!\$)\$\{(\w+)", (REPO / "docker-compose.yml").read_text()))
     assert used, "no ${VAR} found: the pattern is wrong"
-    missing = used - _env_example().keys()
+    missing = used - env_example().keys()
     assert not missing, f".env.example lacks {sorted(missing)}"
 
 
 def test_compose_file_holds_no_secret():
     text = (REPO / "docker-compose.yml").read_text()
-    secrets = {k: v for k, v in _env_example().items() if "PASSWORD" in k or "SECRET" in k}
+    secrets = {k: v for k, v in env_example().items() if "PASSWORD" in k or "SECRET" in k}
     assert secrets, ".env.example should name the secrets"
     for key, value in secrets.items():
         assert value not in text, f"{key}'s value is written in docker-compose.yml"

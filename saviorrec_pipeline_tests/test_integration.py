@@ -26,10 +26,10 @@ import yaml
 
 from saviorrec_pipeline.definitions import defs
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
+from saviorrec_pipeline_tests.deployment_files import REPO, env_example
 from saviorrec_pipeline_tests.services import (
-    S3Server, executable, start_mlflow_server, start_postgres, stop, wait_until,
+    S3Server, executable, isolated_environ, start_mlflow_server, start_postgres, stop, wait_until,
 )
-from saviorrec_pipeline_tests.test_deployment import REPO, _env_example
 
 SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=5, users=200, items=300, seed=5)
 DAYS = ["2025-07-04", "2025-07-05"]  # the backfilled range: the last two days of the demo
@@ -54,7 +54,7 @@ def _env_file(s3: S3Server) -> dict[str, str]:
         "SAVIORREC_TRAIN_DAYS": str(TRAIN_DAYS),
         "SAVIORREC_EVAL_DAYS": "1",
     }
-    assert env.keys() == _env_example().keys(), "the deployment's env file changed: update this test"
+    assert env.keys() == env_example().keys(), "the deployment's env file changed: update this test"
     return env
 
 
@@ -69,7 +69,7 @@ def _compose_service_env(env_file: dict[str, str], addresses: dict[str, str]) ->
 
 
 def _command_env(service_env: dict[str, str], dagster_home: Path) -> dict[str, str]:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("SAVIORREC_", "DAGSTER_", "AWS_", "MLFLOW_"))}
+    inherited = isolated_environ()
     # This environment's interpreter first, as in the image, for commands the compose file names.
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     return {**inherited, **service_env, "DAGSTER_HOME": str(dagster_home), "PATH": path}

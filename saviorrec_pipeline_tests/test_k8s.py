@@ -24,8 +24,9 @@ from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from kubernetes import client as k8s
 
 from saviorrec_pipeline.jobs import TRAINING_POOL
+from saviorrec_pipeline_tests.deployment_files import REPO, env_example
+from saviorrec_pipeline_tests.services import isolated_environ
 
-REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 # Release and namespace as in deploy/k8s/README.md; the chart names things after them.
 RELEASE = NAMESPACE = "saviorrec"
@@ -36,11 +37,6 @@ GPU = "nvidia.com/gpu"
 
 def _values() -> dict:
     return yaml.safe_load((K8S / "values.yaml").read_text())
-
-
-def _env_example() -> dict[str, str]:
-    lines = (REPO / ".env.example").read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
 
 
 def _code_location(values: dict) -> dict:
@@ -204,7 +200,7 @@ def _python(code: str, env: dict[str, str]) -> str:
 
 
 def _pipeline_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAVIORREC_", "MLFLOW_", "AWS_"))}
+    env = isolated_environ()
     return {**env, "PYTHONPATH": f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}"}
 
 
@@ -285,7 +281,7 @@ def test_chart_instance_is_valid_and_has_the_limits_of_deploy_dagster_yaml(tmp_p
     assert daemon.get("enabled", True) and daemon.get("runCoordinator", {}).get("enabled", True)
     assert not daemon.get("runCoordinator", {}).get("config", {}).get("queuedRunCoordinator")
     # External Postgres, the database and user of .env; its password only in the Secret.
-    env = _env_example()
+    env = env_example()
     assert values["postgresql"]["enabled"] is False and values["generatePostgresqlPasswordSecret"] is False
     assert "postgresqlPassword" not in values["postgresql"]
     assert (values["postgresql"]["postgresqlUsername"], values["postgresql"]["postgresqlDatabase"]) == (
@@ -298,7 +294,7 @@ def test_every_variable_the_pipeline_reads_reaches_its_pods():
     for source in (REPO / "saviorrec_pipeline").rglob("*.py"):
         read |= set(re.findall(r"[\"']((?:SAVIORREC|MLFLOW|AWS|DAGSTER)_[A-Z0-9_]+)[\"']", source.read_text()))
     assert {"SAVIORREC_RAW_ROOT", "MLFLOW_TRACKING_URI", "SAVIORREC_K8S_EXECUTOR_CONFIG"} <= read, "the pattern is wrong"
-    secret_keys = _env_example().keys()  # kubectl create secret generic ... --from-env-file=.env
+    secret_keys = env_example().keys()  # kubectl create secret generic ... --from-env-file=.env
     env = _env(deployment)
     # DAGSTER_HOME is the chart's; AWS_ENDPOINT_URL is for an S3-compatible store only (AWS S3 has none).
     optional = {"DAGSTER_HOME", "AWS_ENDPOINT_URL"}
@@ -316,7 +312,7 @@ def test_every_variable_the_pipeline_reads_reaches_its_pods():
 
 
 def test_values_and_mlflow_manifest_hold_no_secret():
-    secrets = {k: v for k, v in _env_example().items() if "PASSWORD" in k or "SECRET" in k}
+    secrets = {k: v for k, v in env_example().items() if "PASSWORD" in k or "SECRET" in k}
     for path in (K8S / "values.yaml", K8S / "mlflow.yaml"):
         text = path.read_text()
         for key, value in secrets.items():
@@ -383,7 +379,7 @@ def test_mlflow_manifest_is_valid_and_is_the_tracking_uri_of_values():
     env = {item["name"]: item["value"] for item in container.get("env", [])}
     command = " ".join(container["command"])
     used = set(re.findall(r"\$(\w+)", command))
-    assert used and not used - env.keys() - _env_example().keys(), used - env.keys() - _env_example().keys()
+    assert used and not used - env.keys() - env_example().keys(), used - env.keys() - env_example().keys()
     assert env["MLFLOW_POSTGRES_HOST"] == values["postgresql"]["postgresqlHost"]
     assert "--artifacts-destination \"s3://$MLFLOW_BUCKET/" in command
     assert '--backend-store-uri "postgresql+psycopg2://' in command  # the driver the image has

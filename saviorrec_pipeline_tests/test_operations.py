@@ -12,9 +12,8 @@ from saviorrec_pipeline.definitions import defs
 from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.sensors import raw_day_landed
+from saviorrec_pipeline_tests.deployment_files import REPO
 from saviorrec_pipeline_tests.services import executable
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_daily_retrain_requests_yesterdays_partition_of_the_whole_chain():

@@ -20,9 +20,9 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
-from saviorrec_pipeline_tests.services import graphql, start_dagster_dev, stop_group, wait_for_dagster
+from saviorrec_pipeline_tests.deployment_files import REPO
+from saviorrec_pipeline_tests.services import graphql, project_env, start_dagster_dev, stop, wait_for_dagster
 
-REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("SAVIORREC_TEST_ARTIFACTS") or REPO / "test-artifacts" / "ui")
 
 START = dt.date(2025, 7, 1)
@@ -63,18 +63,6 @@ class DagsterUI:
             raise AssertionError(f"{type(error).__name__}: {error}\n{self.log_tail()}") from error
 
 
-def _env(home: Path) -> dict[str, str]:
-    """As test_cli's: a project home and a fresh Dagster instance, nothing inherited from the caller's."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAVIORREC_", "DAGSTER_", "AWS_"))}
-    env.update(
-        SAVIORREC_HOME=str(home),
-        SAVIORREC_START_DATE=START.isoformat(),
-        SAVIORREC_TRAIN_DAYS=str(DAYS - 1),
-        DAGSTER_HOME=str(home / "dagster"),
-    )
-    return env
-
-
 @pytest.fixture(scope="module")
 def dagster_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
     home = tmp_path_factory.mktemp("ui") / "home"
@@ -87,14 +75,14 @@ def dagster_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
     shutil.copyfile(instance_file, home / "dagster" / "dagster.yaml")
 
     log = home / "dagster-dev.log"
-    process, url = start_dagster_dev(REPO / "workspace.yaml", _env(home), log)
+    process, url = start_dagster_dev(REPO / "workspace.yaml", project_env(home, START, train_days=DAYS - 1), log)
     try:
         wait_for_dagster(url, process, log)
         graphql(url, "mutation { setNuxSeen }")  # no "Join the Dagster community" dialog over the pages
         print(f"dagster dev at {url}, log {log}")
         yield DagsterUI(url, home, log)
     finally:
-        stop_group(process)
+        stop(process)
 
 
 @pytest.fixture(scope="module")
