@@ -146,6 +146,21 @@ def test_asset_graph_shows_every_stage_and_the_daily_partitions(dagster_ui: Dags
         expect(page.get_by_text("2025-06-30", exact=True)).to_have_count(0)  # nothing before the start date
 
 
+def test_automation_page_shows_the_daily_schedule_and_the_sensor_switched_off(dagster_ui: DagsterUI, page: Page):
+    with dagster_ui.logs_on_failure():
+        page.goto(f"{dagster_ui.url}/automation")
+        for name in ("daily_retrain", "raw_day_landed"):
+            _visible(page, name)
+        page.wait_for_load_state("networkidle")  # the rows' states and next ticks
+        _screenshot(page, "automation.png")
+        # The sensor's page: its switch is there, off by default.
+        page.goto(f"{dagster_ui.url}/locations/saviorrec_pipeline/sensors/raw_day_landed")
+        switch = page.get_by_role("checkbox")
+        expect(switch).to_have_count(1)
+        expect(switch).to_be_enabled()
+        expect(switch).not_to_be_checked()
+
+
 _LAUNCH_RUN = """
 mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {
     __typename
