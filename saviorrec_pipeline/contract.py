@@ -103,8 +103,10 @@ RULE_NULL_IDS = "null_ids"
 RULE_CLICKED_DOMAIN = "clicked_domain"
 RULE_ROWS_ON_DAY = "rows_on_day"
 RULE_UNIQUE_IDS = "unique_ids"
+RULE_IMAGE_OR_TITLE = "image_or_title"
 IMPRESSION_RULES = (RULE_READABLE, RULE_SCHEMA, RULE_NULL_IDS, RULE_CLICKED_DOMAIN, RULE_ROWS_ON_DAY)
-CATALOG_RULES = (RULE_READABLE, RULE_SCHEMA, RULE_NULL_IDS, RULE_UNIQUE_IDS)
+PROFILE_RULES = (RULE_READABLE, RULE_SCHEMA, RULE_NULL_IDS, RULE_UNIQUE_IDS)
+ITEM_RULES = PROFILE_RULES + (RULE_IMAGE_OR_TITLE,)
 
 
 @dataclass(frozen=True)
@@ -162,12 +164,25 @@ def normalise(spec: TableSpec, df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(casts)
 
 
+def has_image(items: pl.DataFrame) -> pl.Expr:
+    # An empty byte string is no image: the encoder has nothing to decode.
+    if "image" not in items.columns:
+        return pl.lit(False)
+    return pl.col("image").is_not_null() & (pl.col("image").bin.size() > 0)
+
+
+def has_title() -> pl.Expr:
+    # A blank title is no title: the encoder masks it out like a null one.
+    return pl.col("title").is_not_null() & (pl.col("title").str.strip_chars().str.len_chars() > 0)
+
+
 def _example(values: pl.Series) -> str:
     return ", ".join(str(v) for v in values.head(3).to_list())
 
 
 def value_violations(spec: TableSpec, df: pl.DataFrame, file: str) -> list[Violation]:
-    """Checks on normalised rows that do not depend on the partition: null ids, clicked domain."""
+    """Checks on normalised rows that do not depend on the partition: null ids, clicked domain,
+    and an image or a title for every item (an item with neither has nothing to embed)."""
     violations = []
     for name in spec.id_columns:
         nulls = df[name].null_count()
@@ -178,6 +193,15 @@ def value_violations(spec: TableSpec, df: pl.DataFrame, file: str) -> list[Viola
         if bad.len():
             violations.append(
                 Violation(RULE_CLICKED_DOMAIN, file, "clicked", f"{bad.len()} value(s) not 0/1, e.g. {_example(bad)}")
+            )
+    if spec is ITEMS:
+        bare = df.filter(~has_image(df) & ~has_title())["item_id"]
+        if bare.len():
+            violations.append(
+                Violation(
+                    RULE_IMAGE_OR_TITLE, file, "title",
+                    f"{bare.len()} item(s) with neither a title nor an image, e.g. item_id {_example(bare)}",
+                )
             )
     return violations
 

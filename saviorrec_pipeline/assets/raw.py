@@ -10,13 +10,15 @@ import datetime as dt
 from typing import Iterator
 
 import dagster as dg
-import polars as pl
 
 from saviorrec_pipeline.contract import (
-    CATALOG_RULES,
     IMPRESSION_RULES,
+    ITEM_RULES,
+    PROFILE_RULES,
     RawContractError,
     Violation,
+    has_image,
+    has_title,
 )
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.resources.raw import RawRead, RawStore
@@ -49,6 +51,15 @@ def _validated(read: RawRead, rules: tuple[str, ...]) -> Iterator[dg.AssetCheckR
         raise RawContractError(read.violations)
 
 
+def _files_metadata(read: RawRead) -> dict:
+    """Files read, and what else lay in the folder (skipped, not an error: e.g. Spark's `_SUCCESS`)."""
+    return {
+        "files": len(read.files),
+        "ignored_files": len(read.ignored),
+        "ignored_file_names": ", ".join(read.ignored) or "none",
+    }
+
+
 @dg.asset(
     group_name=RAW_GROUP,
     partitions_def=daily_partitions,
@@ -71,7 +82,7 @@ def impressions(context: dg.AssetExecutionContext, raw: RawStore) -> Iterator:
     yield dg.MaterializeResult(
         metadata={
             "folder": dg.MetadataValue.path(raw.impressions_folder(day)),
-            "files": len(read.files),
+            **_files_metadata(read),
             "rows": frame.height,
             "clicks": clicks,
             "ctr": round(clicks / frame.height, 5) if frame.height else 0.0,
@@ -85,37 +96,31 @@ def impressions(context: dg.AssetExecutionContext, raw: RawStore) -> Iterator:
 
 @dg.asset(
     group_name=RAW_GROUP,
-    check_specs=_rule_specs("item_catalog", CATALOG_RULES),
+    check_specs=_rule_specs("item_catalog", ITEM_RULES),
     description="The item catalog (raw_root/items/*.parquet), validated.",
 )
 def item_catalog(raw: RawStore) -> Iterator:
     read = raw.inspect_items()
-    yield from _validated(read, CATALOG_RULES)
+    yield from _validated(read, ITEM_RULES)
     items = read.frame
-    has_image = pl.col("image").is_not_null() if "image" in items.columns else pl.lit(False)
-    has_title = pl.col("title").is_not_null() & (pl.col("title").str.len_chars() > 0)
-    counts = items.select(
-        has_image.sum().alias("with_image"),
-        has_title.sum().alias("with_title"),
-        (~has_image & ~has_title).sum().alias("without_image_and_title"),
-    ).row(0, named=True)
+    counts = items.select(has_image(items).sum().alias("with_image"), has_title().sum().alias("with_title")).row(0, named=True)
     yield dg.MaterializeResult(
-        metadata={"files": len(read.files), "items": items.height, **{k: int(v) for k, v in counts.items()}}
+        metadata={**_files_metadata(read), "items": items.height, **{k: int(v) for k, v in counts.items()}}
     )
 
 
 @dg.asset(
     group_name=RAW_GROUP,
-    check_specs=_rule_specs("user_profiles", CATALOG_RULES),
+    check_specs=_rule_specs("user_profiles", PROFILE_RULES),
     description="Optional user profiles (raw_root/users/*.parquet): user_id plus categorical columns.",
 )
 def user_profiles(raw: RawStore) -> Iterator:
     read = raw.inspect_users()
-    yield from _validated(read, CATALOG_RULES)
+    yield from _validated(read, PROFILE_RULES)
     profile_columns = [c for c in read.frame.columns if c != "user_id"]
     yield dg.MaterializeResult(
         metadata={
-            "files": len(read.files),
+            **_files_metadata(read),
             "users": read.frame.height,
             "profile_columns": ", ".join(profile_columns) or "none",
         }

@@ -27,11 +27,13 @@ from saviorrec_pipeline.resources.storage import filesystem
 
 @dataclass
 class RawRead:
-    """One raw table as read: normalised rows (empty when unusable) and what was wrong."""
+    """One raw table as read: normalised rows (empty when unusable), what was wrong, and the
+    names of entries in the folder that are not Parquet data files (skipped)."""
 
     frame: pl.DataFrame
     files: list[str]
     violations: list[Violation] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
     duplicates_dropped: int = 0
 
     def checked(self) -> pl.DataFrame:
@@ -58,7 +60,7 @@ class RawStore(dg.ConfigurableResource):
         return read
 
     def days_with_impressions(self) -> list[dt.date]:
-        """Days whose `impressions/date=YYYY-MM-DD/` folder holds at least one Parquet file."""
+        """Days whose `impressions/date=YYYY-MM-DD/` folder holds at least one Parquet data file."""
         fs, path = filesystem(f"{self.root.rstrip('/')}/impressions")
         if not fs.isdir(path):
             return []
@@ -69,7 +71,7 @@ class RawStore(dg.ConfigurableResource):
                 day = dt.date.fromisoformat(name.removeprefix("date="))
             except ValueError:
                 continue  # not a day folder
-            if name.startswith("date=") and fs.glob(f"{folder}/*.parquet"):
+            if name.startswith("date=") and _listing(fs, folder)[0]:
                 days.append(day)
         return sorted(days)
 
@@ -93,11 +95,12 @@ class RawStore(dg.ConfigurableResource):
         self, spec: TableSpec, folder: str, *, required: bool, day: dt.date | None = None
     ) -> RawRead:
         fs, path = filesystem(folder)
-        files = sorted(fs.glob(f"{path}/*.parquet")) if fs.isdir(path) else []
+        files, ignored = _listing(fs, path)
         empty = pl.DataFrame(schema={c.name: c.cast or pl.Null for c in spec.required})
         if not files:
-            missing = [Violation(RULE_READABLE, folder, None, "no Parquet files (*.parquet) found")]
-            return RawRead(empty, [], missing if required else [])
+            skipped = f" (skipped: {', '.join(ignored)})" if ignored else ""
+            missing = [Violation(RULE_READABLE, folder, None, f"no Parquet files (*.parquet) found{skipped}")]
+            return RawRead(empty, [], missing if required else [], ignored)
         named_frames, violations = [], []
         for file in files:
             name = fs.unstrip_protocol(file)
@@ -111,8 +114,28 @@ class RawStore(dg.ConfigurableResource):
             violations += duplicate_id_violations(spec, named_frames)
         names = [fs.unstrip_protocol(f) for f in files]
         if violations:
-            return RawRead(empty, names, violations)
-        return RawRead(pl.concat([frame for _, frame in named_frames], how="diagonal_relaxed"), names)
+            return RawRead(empty, names, violations, ignored)
+        return RawRead(pl.concat([frame for _, frame in named_frames], how="diagonal_relaxed"), names, ignored=ignored)
+
+
+def _listing(fs, path: str) -> tuple[list[str], list[str]]:
+    """A folder's Parquet data files (paths) and the names of everything else in it, sorted.
+
+    Data files end in `.parquet`; names starting with `_` or `.` are markers or writes in progress
+    (Spark's `_SUCCESS`, `.crc` files, temporary uploads) and are skipped, as pyarrow datasets do.
+    """
+    if not fs.isdir(path):
+        return [], []
+    files, ignored = [], []
+    for entry in sorted(fs.ls(path, detail=True), key=lambda e: e["name"]):
+        if entry["name"].rstrip("/") == path.rstrip("/"):
+            continue  # an S3 folder-marker object lists as the folder itself
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] == "file" and name.endswith(".parquet") and not name.startswith(("_", ".")):
+            files.append(entry["name"])
+        else:
+            ignored.append(name)
+    return files, ignored
 
 
 def _read_file(fs, file: str, spec: TableSpec, name: str) -> tuple[pl.DataFrame | None, list[Violation]]:
