@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from saviorrec_pipeline.method.ctr_model import Batch, CTRModel
+from saviorrec_pipeline.method.encoder_training import deterministic_on_cpu
 from saviorrec_pipeline.method.metrics import roc_auc
 
 STAT_COLUMNS = ("impressions", "clicks", "ctr")
@@ -152,28 +153,29 @@ def train_ctr(
     total = settings.epochs * steps_per_epoch
     ratio = settings.lr_end / settings.lr_start
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (min(step, total - 1) / max(total - 1, 1)))
-    history = []
-    for epoch in range(settings.epochs):
-        model.train()
-        order = torch.randperm(len(train), generator=generator)
-        loss_sum = 0.0
-        for index in order.split(settings.batch_size):
-            batch = train.batch(index, settings.sequence_length, model.config.num_items).to(device)
-            loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)  # eq. 17
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(index)
-        figures = {"train_logloss": loss_sum / max(len(train), 1), "lr": schedule.get_last_lr()[0]}
-        if evaluation is not None and len(evaluation):
-            scores = predict(model, evaluation, settings.sequence_length, device)
-            figures["eval_logloss"] = F.binary_cross_entropy(torch.from_numpy(scores).clamp(1e-7, 1 - 1e-7), evaluation.label).item()
-            auc = roc_auc(evaluation.label.numpy(), scores)
-            if auc is not None:
-                figures["eval_auc"] = auc
-        history.append(figures)
-        if on_epoch:
-            on_epoch(epoch, figures)
+    with deterministic_on_cpu(device):
+        history = []
+        for epoch in range(settings.epochs):
+            model.train()
+            order = torch.randperm(len(train), generator=generator)
+            loss_sum = 0.0
+            for index in order.split(settings.batch_size):
+                batch = train.batch(index, settings.sequence_length, model.config.num_items).to(device)
+                loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)  # eq. 17
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.item() * len(index)
+            figures = {"train_logloss": loss_sum / max(len(train), 1), "lr": schedule.get_last_lr()[0]}
+            if evaluation is not None and len(evaluation):
+                scores = predict(model, evaluation, settings.sequence_length, device)
+                figures["eval_logloss"] = F.binary_cross_entropy(torch.from_numpy(scores).clamp(1e-7, 1 - 1e-7), evaluation.label).item()
+                auc = roc_auc(evaluation.label.numpy(), scores)
+                if auc is not None:
+                    figures["eval_auc"] = auc
+            history.append(figures)
+            if on_epoch:
+                on_epoch(epoch, figures)
     model.eval()
     return history

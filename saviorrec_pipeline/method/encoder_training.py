@@ -9,6 +9,8 @@ Both use AdamW with a linear warmup over the first `warmup_epochs`, then cosine 
 import io
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,6 +100,22 @@ def catalog_tensors(catalog: pl.DataFrame, config: EncoderConfig) -> CatalogTens
 
 def device_for_training() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
+    """torch's deterministic kernels while training on the CPU, so one seed gives one model: some
+    CPU backward passes (embedding gradients) otherwise add in thread order. CUDA keeps its fast
+    kernels."""
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def _autocast(device: torch.device):
