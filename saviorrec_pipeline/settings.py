@@ -11,13 +11,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
+
 
 @dataclass(frozen=True)
 class Settings:
     home: str
     raw_root: str
     storage_root: str
-    mlflow_tracking_uri: str
+    mlflow_tracking_uri: str  # dg.EnvVar when set: it may hold credentials (see load_settings)
     mlflow_artifact_root: str  # where a new experiment keeps artifacts when the store is local
     start_date: dt.date
     train_days: int
@@ -50,7 +52,12 @@ def load_settings() -> Settings:
         home=home,
         raw_root=os.environ.get("SAVIORREC_RAW_ROOT", f"{home}/raw"),
         storage_root=os.environ.get("SAVIORREC_STORAGE_ROOT", f"{home}/storage"),
-        mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db"),
+        # A set URI may carry credentials (postgresql://user:password@..., https://user:token@...):
+        # as an EnvVar, Dagster resolves it at run time and stores and shows only its name, never
+        # its value, in job snapshots and on the UI's resource page.
+        mlflow_tracking_uri=(
+            dg.EnvVar("MLFLOW_TRACKING_URI") if os.environ.get("MLFLOW_TRACKING_URI") else f"sqlite:///{home}/mlflow/mlflow.db"
+        ),
         mlflow_artifact_root=f"{home}/mlflow/artifacts",
         start_date=_date("SAVIORREC_START_DATE", "2025-07-01"),
         train_days=_positive_int("SAVIORREC_TRAIN_DAYS", 21),

@@ -117,10 +117,10 @@ class S3Server:
         }
 
 
-def start_seaweedfs(workdir: Path) -> tuple[subprocess.Popen, S3Server]:
+def start_seaweedfs(workdir: Path, secret_key: str = "saviorrec-test-secret") -> tuple[subprocess.Popen, S3Server]:
     """SeaweedFS master, volume, filer and S3 gateway in one `weed server`, with one identity."""
     workdir.mkdir(parents=True, exist_ok=True)
-    server = S3Server("", access_key="saviorrec-test", secret_key="saviorrec-test-secret")
+    server = S3Server("", access_key="saviorrec-test", secret_key=secret_key)
     config = workdir / "s3.json"
     config.write_text(
         json.dumps(

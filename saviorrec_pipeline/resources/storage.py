@@ -12,7 +12,7 @@ import dagster as dg
 import fsspec
 import polars as pl
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")  # whole name (fullmatch), at most 128 characters
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -32,9 +32,9 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
 
 def safe_name(value: str, what: str) -> str:
-    """Refuse names that could leave the storage root (`..`, `/`, empty)."""
-    if not _SAFE_NAME.match(value) or ".." in value:
-        raise ValueError(f"unsafe {what} {value!r}: use letters, digits, '_', '-', '.', '='")
+    """Refuse names that could leave the storage root (`..`, `/`, empty) or are not plain file names."""
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"unsafe {what} {value!r}: use at most 128 letters, digits, '_', '-', '.', '='")
     return value
 
 

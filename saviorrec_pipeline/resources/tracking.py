@@ -15,9 +15,14 @@ from typing import Iterator
 
 import dagster as dg
 from mlflow.entities import Metric, Param, RunStatus
+from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
+
+# On a tracking server, MLflow prints "View run ... at: <tracking URI>" to stdout as each run ends;
+# the URI may hold credentials, and Dagster keeps a step's stdout in its compute logs.
+os.environ.setdefault(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name, "true")
 
 EXPERIMENT = "saviorrec"
 _PARAMS_PER_REQUEST = 100  # MLflow's limit for one log_batch call
