@@ -7,32 +7,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import dagster as dg
 import yaml
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.instance.ref import InstanceRef
 
-from saviorrec_pipeline_tests.deployment_files import REPO, env_example
+from saviorrec_pipeline_tests.deployment_files import REPO, compose_config, env_example
 from saviorrec_pipeline_tests.services import executable
 
 
-def _compose_config(tmp_path: Path) -> dict:
-    """The compose file as `docker-compose config` resolves it with .env.example as .env."""
-    compose = shutil.which("docker-compose")
-    if compose is None:
-        pytest.fail("docker-compose not found: `apt-get install docker-compose` (.ci/run installs it)")
-    shutil.copy(REPO / "docker-compose.yml", tmp_path)
-    shutil.copytree(REPO / "deploy", tmp_path / "deploy")
-    shutil.copy(REPO / ".env.example", tmp_path / ".env")
-    result = subprocess.run([compose, "config"], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "is not set" not in result.stderr, result.stderr
-    return yaml.safe_load(result.stdout)
-
-
 def test_compose_file_is_valid_and_complete(tmp_path):
-    config = _compose_config(tmp_path)
+    config = compose_config(tmp_path)
     services = config["services"]
     assert {"postgres", "s3", "create-buckets", "mlflow", "code-location", "webserver", "daemon"} == services.keys()
     for name, service in services.items():

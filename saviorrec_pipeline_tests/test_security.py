@@ -23,7 +23,6 @@ import polars as pl
 import pytest
 import s3fs
 import torch
-import yaml
 from dagster._core.instance.ref import InstanceRef
 from dagster._serdes import serialize_value
 from mlflow.entities import ViewType
@@ -45,7 +44,7 @@ from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage, safe_name
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
-from saviorrec_pipeline_tests.deployment_files import REPO, env_example
+from saviorrec_pipeline_tests.deployment_files import REPO, compose_config, env_example
 from saviorrec_pipeline_tests.services import (
     isolated_environ, project_env, start_mlflow_server, start_seaweedfs, stop, wait_until,
 )
@@ -385,42 +384,31 @@ def test_dagster_refuses_partition_keys_outside_the_daily_partitions(demo_raw, t
 SECRET_VARIABLE = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|CREDENTIAL")
 
 
-def _compose() -> dict:
-    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
-
-
-def test_compose_publishes_only_the_three_uis_and_only_on_loopback():
-    """(test_deployment.py checks the resolved ports' host IPs with docker-compose itself.)"""
+def test_compose_publishes_only_the_three_uis_and_only_on_loopback(tmp_path):
     published = {}
-    for name, service in _compose()["services"].items():
+    for name, service in compose_config(tmp_path)["services"].items():
         for port in service.get("ports", []):
-            if isinstance(port, dict):
-                host_ip, host_port, target = port.get("host_ip"), port.get("published"), port.get("target")
-            else:  # [HOST_IP:][HOST_PORT:]TARGET
-                parts = str(port).split(":")
-                host_ip, host_port, target = ([None, None] + parts)[-3:] if len(parts) < 3 else parts[-3:]
+            host_ip, host_port, target = port.removesuffix("/tcp").split(":")  # as docker-compose writes it
             assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond loopback"
-            published[name] = (str(host_port), str(target))
+            published[name] = (host_port, target)
         assert service.get("network_mode") != "host", f"{name} shares the host's network"
         for risky in ("privileged", "cap_add", "pid", "ipc", "devices", "security_opt"):
             assert not service.get(risky), f"{name} sets {risky}: {service[risky]}"
         for volume in service.get("volumes", []):
-            source = volume.split(":")[0] if isinstance(volume, str) else volume.get("source", "")
+            source = volume.split(":")[0]
             assert "docker.sock" not in source and source not in ("/", "/etc", "/root"), f"{name} mounts {source}"
     # S3 for uploading raw data, MLflow's and Dagster's UIs; Postgres, the code server and
     # SeaweedFS' master, volume and filer (which have no authentication) stay inside the network.
     assert published == {"s3": ("8333", "8333"), "mlflow": ("5000", "5000"), "webserver": ("3000", "3000")}
 
 
-def test_no_secret_has_a_default_or_a_usable_example_value():
+def test_no_secret_has_a_default_or_a_usable_example_value(tmp_path):
     text = (REPO / "docker-compose.yml").read_text()
     fallbacks = re.findall(r"\$\{(\w+):?-([^}]*)\}", text)  # ${VAR:-default}, ${VAR-default}
     with_default = [f"${{{name}:-{value}}}" for name, value in fallbacks if SECRET_VARIABLE.search(name)]
     assert not with_default, f"secrets with a fallback in docker-compose.yml: {with_default}"
-    for name, service in _compose()["services"].items():
+    for name, service in compose_config(tmp_path)["services"].items():
         environment = service.get("environment") or {}
-        if isinstance(environment, list):
-            environment = dict(item.split("=", 1) for item in environment)
         assert str(environment.get("POSTGRES_HOST_AUTH_METHOD", "")).lower() != "trust", f"{name}: Postgres without passwords"
     # .env.example's secrets are visibly placeholders (README: "change every secret"), not passwords
     # that look chosen; the compose file has none of its own (above, and test_deployment.py).

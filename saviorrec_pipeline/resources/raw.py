@@ -67,11 +67,13 @@ class RawStore(dg.ConfigurableResource):
         days = []
         for folder in fs.ls(path, detail=False):
             name = folder.rstrip("/").rsplit("/", 1)[-1]
+            if not name.startswith("date="):
+                continue
             try:
                 day = dt.date.fromisoformat(name.removeprefix("date="))
             except ValueError:
                 continue  # not a day folder
-            if name.startswith("date=") and _listing(fs, folder)[0]:
+            if _listing(fs, folder)[0]:
                 days.append(day)
         return sorted(days)
 
