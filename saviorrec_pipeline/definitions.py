@@ -19,12 +19,25 @@ from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorag
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 from saviorrec_pipeline.schedules import daily_retrain
 from saviorrec_pipeline.sensors import raw_day_landed
+from saviorrec_pipeline.settings import Settings
 
 STAGES = [raw, coclick, encoder, semantic_ids, ranking_dataset, ctr_model, auc_report]
 all_assets = dg.load_assets_from_modules(STAGES)
 all_checks = dg.load_asset_checks_from_modules(STAGES)
 
-storage = ParquetStorage(root=SETTINGS.storage_root)
+
+def deployment_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """Every resource the stages use, configured by `settings` (the environment, settings.py)."""
+    storage = ParquetStorage(root=settings.storage_root, checkpoint_every_epochs=settings.checkpoint_every_epochs)
+    tracking = MlflowTracking(tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root)
+    return {
+        "raw": RawStore(root=settings.raw_root),
+        "window": TrainEvalWindow(train_days=settings.train_days, eval_days=settings.eval_days),
+        "storage": storage,
+        # With the tracking: a stage whose output cannot be stored withdraws the model it registered.
+        "parquet_io_manager": ParquetIOManager(storage=storage, tracking=tracking),
+        "tracking": tracking,
+    }
 
 
 def k8s_executor(config_file: str) -> dg.ExecutorDefinition:
@@ -43,11 +56,5 @@ defs = dg.Definitions(
     # On one machine, steps run in the run's own process: a process per step would import torch
     # again for each (seconds per step), and the training pool lets one training step run at a time.
     executor=k8s_executor(SETTINGS.k8s_executor_config) if SETTINGS.k8s_executor_config else dg.in_process_executor,
-    resources={
-        "raw": RawStore(root=SETTINGS.raw_root),
-        "window": TrainEvalWindow(),
-        "storage": storage,
-        "parquet_io_manager": ParquetIOManager(storage=storage),
-        "tracking": MlflowTracking(tracking_uri=SETTINGS.mlflow_tracking_uri, artifact_root=SETTINGS.mlflow_artifact_root),
-    },
+    resources=deployment_resources(SETTINGS),
 )

@@ -25,16 +25,17 @@ class Settings:
     train_days: int
     eval_days: int
     k8s_executor_config: str | None  # a k8s_job_executor YAML: every step its own Kubernetes Job
+    checkpoint_every_epochs: int  # training checkpoints; 0: none
 
 
-def _positive_int(name: str, default: int) -> int:
+def _int_at_least(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name, str(default))
     try:
         value = int(raw)
     except ValueError:
         raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"environment variable {name}={raw!r} must be at least 1")
+    if value < minimum:
+        raise ValueError(f"environment variable {name}={raw!r} must be at least {minimum}")
     return value
 
 
@@ -60,7 +61,8 @@ def load_settings() -> Settings:
         ),
         mlflow_artifact_root=f"{home}/mlflow/artifacts",
         start_date=_date("SAVIORREC_START_DATE", "2025-07-01"),
-        train_days=_positive_int("SAVIORREC_TRAIN_DAYS", 21),
-        eval_days=_positive_int("SAVIORREC_EVAL_DAYS", 1),
+        train_days=_int_at_least("SAVIORREC_TRAIN_DAYS", 21),
+        eval_days=_int_at_least("SAVIORREC_EVAL_DAYS", 1),
         k8s_executor_config=os.environ.get("SAVIORREC_K8S_EXECUTOR_CONFIG") or None,
+        checkpoint_every_epochs=_int_at_least("SAVIORREC_CHECKPOINT_EVERY_EPOCHS", 1, minimum=0),
     )

@@ -3,7 +3,7 @@ import os
 import pytest
 import s3fs
 
-from saviorrec_pipeline_tests.services import S3Server, start_seaweedfs, stop, wait_until
+from saviorrec_pipeline_tests.services import S3Server, start_seaweedfs, stop, wait_for_s3
 
 
 @pytest.fixture(scope="session")
@@ -12,13 +12,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     workdir = tmp_path_factory.mktemp("seaweedfs")
     process, server = start_seaweedfs(workdir)
     try:
-        fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key, endpoint_url=server.endpoint_url)
-
-        def ready() -> bool:
-            fs.pipe("readiness/probe", b"ok")
-            return fs.cat("readiness/probe") == b"ok"
-
-        wait_until(ready, "SeaweedFS S3 gateway", process, workdir / "weed.log")
+        wait_for_s3(process, server, workdir / "weed.log")
         yield server
     finally:
         stop(process, timeout_s=5)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import s3fs
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -117,8 +119,11 @@ class S3Server:
         }
 
 
-def start_seaweedfs(workdir: Path, secret_key: str = "saviorrec-test-secret") -> tuple[subprocess.Popen, S3Server]:
-    """SeaweedFS master, volume, filer and S3 gateway in one `weed server`, with one identity."""
+def start_seaweedfs(
+    workdir: Path, secret_key: str = "saviorrec-test-secret", ports: list[int] | None = None
+) -> tuple[subprocess.Popen, S3Server]:
+    """SeaweedFS master, volume, filer and S3 gateway in one `weed server`, with one identity; see
+    `wait_for_s3`. Given the 8 `ports` and `workdir` of a stopped one, it starts again with its data."""
     workdir.mkdir(parents=True, exist_ok=True)
     server = S3Server("", access_key="saviorrec-test", secret_key=secret_key)
     config = workdir / "s3.json"
@@ -135,7 +140,7 @@ def start_seaweedfs(workdir: Path, secret_key: str = "saviorrec-test-secret") ->
             }
         )
     )
-    master, volume, filer, s3, *grpc = free_ports(8)
+    master, volume, filer, s3, *grpc = ports or free_ports(8)
     log = workdir / "weed.log"
     command = [
         executable("weed"), "server", "-s3",
@@ -146,13 +151,28 @@ def start_seaweedfs(workdir: Path, secret_key: str = "saviorrec-test-secret") ->
         f"-s3.port={s3}", f"-s3.port.grpc={grpc[3]}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={config}",
-        "-master.volumeSizeLimitMB=64", "-volume.max=32",
+        # Each bucket takes volumes 7 at a time, and overwritten objects (per-epoch training
+        # checkpoints) hold their space until a vacuum: 32 ran out during test_integration's chain.
+        "-master.volumeSizeLimitMB=64", "-volume.max=128",
+        # One master: on a restart it waits this long (default 10 s, twice) before electing itself.
+        "-master.electionTimeout=1s",
         f"-filer.localSocket={workdir}/filer.sock", f"-s3.localSocket={workdir}/s3.sock",
     ]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{s3}", server.access_key, server.secret_key)
     return process, server
+
+
+def wait_for_s3(process: subprocess.Popen, server: S3Server, log: Path, timeout_s: float = 60) -> None:
+    """Until the S3 gateway stores and returns an object (the bucket `readiness`)."""
+    fs = s3fs.S3FileSystem(key=server.access_key, secret=server.secret_key, endpoint_url=server.endpoint_url, skip_instance_cache=True)
+
+    def ready() -> bool:
+        fs.pipe("readiness/probe", b"ok")
+        return fs.cat("readiness/probe") == b"ok"
+
+    wait_until(ready, "SeaweedFS S3 gateway", process, log, timeout_s)
 
 
 @dataclass(frozen=True)
@@ -204,10 +224,13 @@ def start_postgres(workdir: Path, user: str, password: str) -> tuple[subprocess.
     return process, PostgresServer("127.0.0.1", port, user, password)
 
 
-def start_mlflow_server(workdir: Path, backend_store_uri: str, artifacts_destination: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` on loopback with the given backend store, proxying artifacts to their destination."""
+def start_mlflow_server(
+    workdir: Path, backend_store_uri: str, artifacts_destination: str, env: dict[str, str], port: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on loopback (on `port`, or a free one) with the given backend store, proxying
+    artifacts to their destination."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = workdir / "mlflow.log"
     with log.open("wb") as out:
         process = subprocess.Popen(

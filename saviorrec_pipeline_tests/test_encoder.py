@@ -103,6 +103,7 @@ def _resources(raw: Path, home: Path) -> dict:
     return {
         "raw": RawStore(root=str(raw)),
         "window": TrainEvalWindow(train_days=SPEC.days - 1, eval_days=1),
+        "storage": storage,
         "parquet_io_manager": ParquetIOManager(storage=storage),
         "tracking": MlflowTracking(tracking_uri=f"sqlite:///{home}/mlflow.db", artifact_root=str(home / "artifacts")),
     }

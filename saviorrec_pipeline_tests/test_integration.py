@@ -116,6 +116,8 @@ def deployment(postgres, s3_server, tmp_path_factory):
         "AWS_ENDPOINT_URL": s3_server.endpoint_url,
         "SAVIORREC_HOME": str(work / "home"),
         "MLFLOW_TRACKING_URI": "",  # set below, once the server has its port
+        # Checkpoints go to S3 too, but not after each of the tiny presets' 175 short epochs a day.
+        "SAVIORREC_CHECKPOINT_EVERY_EPOCHS": "5",
     })
     command_env = _command_env(service_env, dagster_home)
 

@@ -60,3 +60,19 @@ def test_missing_partition_names_what_to_materialize(storage: ParquetStorage):
 def test_names_that_leave_the_root_are_refused(tmp_path, asset, partition):
     with pytest.raises(ValueError, match="unsafe"):
         ParquetStorage(root=str(tmp_path)).write(_frame(1), asset, partition)
+
+
+@pytest.mark.parametrize("every", [0, 1, 3])
+def test_checkpoints_keep_every_nth_epoch_and_clear_per_partition(storage: ParquetStorage, every: int):
+    storage = storage.model_copy(update={"checkpoint_every_epochs": every})
+    file = storage.checkpoint("ctr_model", "2025-07-22", "saviorrec-0123abcd")
+    assert file.uri == f"{storage.root}/checkpoints/ctr_model/2025-07-22/saviorrec-0123abcd.safetensors"
+    assert file.read() is None
+    for epoch in range(1, 8):
+        file.write(f"epoch {epoch}".encode())
+    assert file.read() == (None if every == 0 else f"epoch {7 // every * every}".encode())
+    storage.checkpoint("ctr_model", "2025-07-23", "base-0123abcd").write(b"other day")
+
+    storage.clear_checkpoints("ctr_model", "2025-07-22")
+    assert file.read() is None
+    assert storage.checkpoint("ctr_model", "2025-07-23", "base-0123abcd").read() == (None if every != 1 else b"other day")

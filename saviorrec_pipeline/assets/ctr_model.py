@@ -21,9 +21,11 @@ from saviorrec_pipeline.method.ctr_training import (
 )
 from saviorrec_pipeline.method.encoder_training import device_for_training
 from saviorrec_pipeline.method.ranking_features import EVAL, TRAIN
+from saviorrec_pipeline.method.training_loop import fingerprint
 from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.profiling import track_usage
+from saviorrec_pipeline.resources.storage import ParquetStorage, resume_point
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
 CTR_MODEL = "saviorrec-ctr"
@@ -72,7 +74,7 @@ class CTRModelConfig(dg.Config):
 )
 def ctr_model(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame,
-    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, tracking: MlflowTracking,
+    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> Iterator:
     variants = config.chosen_variants()
     where = f"ranking_dataset {context.partition_key}"
@@ -124,6 +126,11 @@ def ctr_model(
             if VARIANTS[variant].mba_from_rq:
                 with torch.no_grad():
                     model.mba.codebook.copy_(rq_codebooks)
+            run_key = fingerprint(
+                architecture.to_dict(), settings, z, codes, rq_codebooks, *vars(train_inputs).values(), *vars(eval_inputs).values()
+            )
+            checkpoints = storage.checkpoint("ctr_model", context.partition_key, f"{variant}-{run_key}")
+            resumed = resume_point(context, checkpoints)
             with tracking.start_run(context, f"ctr_model/{variant}", parent=parent) as run:
                 run.log_params({"variant": variant, **architecture.to_dict(), **dataclasses.asdict(settings)})
 
@@ -132,7 +139,7 @@ def ctr_model(
                     context.log.info(f"{variant} epoch {epoch + 1}/{settings.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
 
                 with track_usage() as usage:
-                    history = train_ctr(model, train_inputs, eval_inputs, settings, device, on_epoch)
+                    history = train_ctr(model, train_inputs, eval_inputs, settings, device, on_epoch, checkpoints)
                 scores = predict(model, eval_inputs, sequence_length, device)
                 throughput = settings.epochs * len(train_inputs) / max(usage.seconds, 1e-9)
                 final = {"eval_auc": history[-1].get("eval_auc", float("nan")), "eval_logloss": history[-1]["eval_logloss"]}
@@ -146,7 +153,7 @@ def ctr_model(
                     version = run.register(CTR_MODEL, "model", tracking.origin_tags(context))
                     metadata["model"] = f"{CTR_MODEL} v{version}"
                     metadata["model_uri"] = f"models:/{CTR_MODEL}/{version}"
-            summary.append((variant, final, throughput, usage.peak_rss_bytes / 2**20, run.run_id))
+            summary.append((variant, final, throughput, usage.peak_rss_bytes / 2**20, resumed, run.run_id))
             predictions.append(
                 eval_rows.select("user_id", "item_id", "ts", pl.lit(variant).alias("variant"), pl.Series("pctr", scores, dtype=pl.Float32),
                                  pl.col("clicked").cast(pl.Int8).alias("label"), "pv")
@@ -173,9 +180,12 @@ def ctr_model(
 
 
 def _summary_table(summary: list) -> str:
-    lines = ["| variant | eval AUC | eval log loss | train samples/s | peak RSS MiB | MLflow run |", "|---|---|---|---|---|---|"]
-    for name, final, throughput, peak, run_id in summary:
-        lines.append(f"| {name} | {final['eval_auc']:.4f} | {final['eval_logloss']:.4f} | {throughput:.0f} | {peak:.0f} | {run_id} |")
+    lines = [
+        "| variant | eval AUC | eval log loss | train samples/s | peak RSS MiB | resumed from | MLflow run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, final, throughput, peak, resumed, run_id in summary:
+        lines.append(f"| {name} | {final['eval_auc']:.4f} | {final['eval_logloss']:.4f} | {throughput:.0f} | {peak:.0f} | {resumed} | {run_id} |")
     return "\n".join(lines)
 
 

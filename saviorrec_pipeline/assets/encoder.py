@@ -27,10 +27,12 @@ from saviorrec_pipeline.method.encoder_training import (
 )
 from saviorrec_pipeline.method.item_rows import pair_rows
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
+from saviorrec_pipeline.method.training_loop import CheckpointStore, fingerprint
 from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.raw import RawStore
+from saviorrec_pipeline.resources.storage import ParquetStorage, resume_point
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
 
 GROUP = "saviorenc"
@@ -77,9 +79,10 @@ def read_catalog(raw: RawStore) -> pl.DataFrame:
 
 def train_encoder(
     context: dg.AssetExecutionContext, architecture: EncoderConfig, training: TrainConfig, catalog: CatalogTensors,
-    pairs: np.ndarray, run: TrackedRun | None, initial_weights: str | None = None,
+    pairs: np.ndarray, run: TrackedRun | None, initial_weights: str | None = None, checkpoints: CheckpointStore | None = None,
 ) -> tuple[SaviorEnc, list[float]]:
-    """Both phases (each when enabled), logging progress to Dagster and per-epoch metrics to MLflow."""
+    """Both phases (each when enabled), logging progress to Dagster and per-epoch metrics to MLflow;
+    with `checkpoints`, each epoch is saved and training resumes from the latest save."""
     model = build_model(architecture, training.seed)
     if initial_weights:
         model.load_state_dict(load_file(initial_weights))
@@ -95,8 +98,8 @@ def train_encoder(
             run.log_metrics({f"{phase}_loss": loss, f"{phase}_examples_per_s": examples / seconds}, step=epoch)
 
     if training.domain_adaptation_epochs:
-        train_domain_adaptation(model, catalog, training, device, on_step, on_epoch)
-    history = train_alignment(model, catalog, pairs, training, device, on_step, on_epoch) if training.epochs else []
+        train_domain_adaptation(model, catalog, training, device, on_step, on_epoch, checkpoints)
+    history = train_alignment(model, catalog, pairs, training, device, on_step, on_epoch, checkpoints) if training.epochs else []
     return model, history
 
 
@@ -111,7 +114,7 @@ def train_encoder(
 )
 def item_encoder(
     context: dg.AssetExecutionContext, config: ItemEncoderConfig, coclick_pairs: pl.DataFrame,
-    raw: RawStore, tracking: MlflowTracking,
+    raw: RawStore, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
     if coclick_pairs.is_empty():
         raise ValueError(
@@ -126,11 +129,16 @@ def item_encoder(
             f"only {len(pairs)} of {coclick_pairs.height} co-click pairs name catalog items: "
             f"check that {raw.root}/items holds the clicked items"
         )
+    run_key = fingerprint(
+        architecture.to_dict(), training, config.checkpoint_path, pairs, catalog.item_ids, catalog.images, catalog.tokens
+    )
+    checkpoints = storage.checkpoint("item_encoder", context.partition_key, run_key)
+    resumed = resume_point(context, checkpoints)
     with tracking.start_run(context, "item_encoder") as run:
         run.log_params({"preset": config.preset, **dataclasses.asdict(training), "pairs": len(pairs), "items": len(catalog)})
         run.log_params({f"arch.{k}": json.dumps(v) for k, v in architecture.to_dict().items()})
         with track_usage() as usage:
-            model, history = train_encoder(context, architecture, training, catalog, pairs, run, config.checkpoint_path)
+            model, history = train_encoder(context, architecture, training, catalog, pairs, run, config.checkpoint_path, checkpoints)
         artifact_uri = run.log_model(
             model.state_dict(), {"architecture": architecture.to_dict(), "training": dataclasses.asdict(training)}, CONFIG
         )
@@ -157,6 +165,7 @@ def item_encoder(
             "model": f"{ENCODER_MODEL} v{version}",
             "device": str(device_for_training()),
             "pairs": len(pairs),
+            "resumed_from": resumed,
             "loss_first_epoch": round(history[0], 4),
             "loss_last_epoch": round(history[-1], 4),
             "loss_per_epoch": dg.MetadataValue.md(" | ".join(f"{x:.3f}" for x in history)),

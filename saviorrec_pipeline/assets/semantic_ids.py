@@ -22,9 +22,11 @@ from saviorrec_pipeline.method.rqvae import (
     codebook_quality,
     train_rqvae,
 )
+from saviorrec_pipeline.method.training_loop import fingerprint
 from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.profiling import track_usage
+from saviorrec_pipeline.resources.storage import ParquetStorage, resume_point
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
 RQVAE_MODEL = "saviorrec-rqvae"
@@ -81,11 +83,18 @@ class SemanticIdsConfig(dg.Config):
         )
 
 
-def _fit(architecture: RQVAEConfig, training: RQVAETrainConfig, z: torch.Tensor, pairs: np.ndarray, on_epoch=None):
+def _fit(
+    context: dg.AssetExecutionContext, storage: ParquetStorage, architecture: RQVAEConfig, training: RQVAETrainConfig,
+    z: torch.Tensor, pairs: np.ndarray, on_epoch=None,
+) -> tuple[RQVAE, list[dict], str]:
+    """The trained model, its history, and where training started (see `resume_point`)."""
+    name = f"{training.assignment}-{fingerprint(architecture.to_dict(), training, z, pairs)}"
+    checkpoints = storage.checkpoint("semantic_ids", context.partition_key, name)
+    resumed = resume_point(context, checkpoints)
     torch.manual_seed(training.seed)
     model = RQVAE(architecture)
-    history = train_rqvae(model, z, pairs, training, device_for_training(), on_epoch)
-    return model, history
+    history = train_rqvae(model, z, pairs, training, device_for_training(), on_epoch, checkpoints)
+    return model, history, resumed
 
 
 def faiss_rq_collision_rate(z: np.ndarray, num_levels: int, codebook_size: int) -> float:
@@ -115,7 +124,7 @@ def _quality_table(rows: list[tuple[str, dict]]) -> str:
 )
 def semantic_ids(
     context: dg.AssetExecutionContext, config: SemanticIdsConfig, item_embeddings: pl.DataFrame,
-    coclick_pairs: pl.DataFrame, tracking: MlflowTracking,
+    coclick_pairs: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
     where = f"item_embeddings for {context.partition_key}"
     if item_embeddings.is_empty():
@@ -142,12 +151,12 @@ def semantic_ids(
                 context.log.info(f"epoch {epoch + 1}/{training.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
 
         with track_usage() as usage:
-            model, history = _fit(architecture, training, z, pairs, on_epoch)
+            model, history, resumed = _fit(context, storage, architecture, training, z, pairs, on_epoch)
             codes, errors = assign_codes(model, z, config.inference_assignment, device_for_training(), training.batch_size)
         quality = codebook_quality(codes, architecture.codebook_size)
         compared = [("rq-vae (sinkhorn)", quality)]
         if config.compare_with_argmin:
-            argmin_model, _ = _fit(architecture, config.training("argmin"), z, pairs)
+            argmin_model, _, _ = _fit(context, storage, architecture, config.training("argmin"), z, pairs)
             argmin_codes, _ = assign_codes(argmin_model, z, "argmin", device_for_training(), training.batch_size)
             compared.append(("rq-vae (argmin)", codebook_quality(argmin_codes, architecture.codebook_size)))
         faiss_collisions = faiss_rq_collision_rate(z_np, architecture.num_levels, architecture.codebook_size)
@@ -180,6 +189,7 @@ def semantic_ids(
             "items": table.height,
             "model": f"{RQVAE_MODEL} v{version}",
             "mlflow_run_id": run.run_id,
+            "resumed_from": resumed,
             "shape": f"L={architecture.num_levels}, K={architecture.codebook_size}, d={architecture.latent_dim}",
             "collision_rate": round(quality["collision_rate"], 4),
             "faiss_rq_collision_rate": round(faiss_collisions, 4),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from saviorrec_pipeline.method.ctr_model import Batch, CTRModel
 from saviorrec_pipeline.method.encoder_training import deterministic_on_cpu
 from saviorrec_pipeline.method.metrics import roc_auc
+from saviorrec_pipeline.method.training_loop import Checkpoint, CheckpointStore, check_finite, latest_checkpoint
 
 STAT_COLUMNS = ("impressions", "clicks", "ctr")
 
@@ -141,11 +142,12 @@ def predict(model: CTRModel, rows: EncodedRows, sequence_length: int, device: to
 
 def train_ctr(
     model: CTRModel, train: EncodedRows, evaluation: EncodedRows | None, settings: CTRTrainConfig, device: torch.device,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None, checkpoints: CheckpointStore | None = None,
 ) -> list[dict[str, float]]:
     """Adagrad with the learning rate decaying geometrically from
     lr_start to lr_end over all steps; reports train loss, and evaluation log loss / AUC when
-    `evaluation` rows are given, per epoch."""
+    `evaluation` rows are given, per epoch. Given a `CheckpointStore`, saves after every epoch and
+    resumes from the latest save."""
     generator = torch.Generator().manual_seed(settings.seed)
     model.to(device)
     optimizer = torch.optim.Adagrad(model.parameters(), lr=settings.lr_start)
@@ -153,20 +155,25 @@ def train_ctr(
     total = settings.epochs * steps_per_epoch
     ratio = settings.lr_end / settings.lr_start
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (min(step, total - 1) / max(total - 1, 1)))
+    history, first_epoch = [], 0
+    saved = latest_checkpoint(checkpoints)
+    if saved is not None:
+        saved.restore(model, optimizer, generator, schedule)
+        history, first_epoch = saved.history, saved.epochs_done
     with deterministic_on_cpu(device):
-        history = []
-        for epoch in range(settings.epochs):
+        for epoch in range(first_epoch, settings.epochs):
             model.train()
             order = torch.randperm(len(train), generator=generator)
             loss_sum = 0.0
-            for index in order.split(settings.batch_size):
+            for step, index in enumerate(order.split(settings.batch_size)):
                 batch = train.batch(index, settings.sequence_length, model.config.num_items).to(device)
                 loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)  # eq. 17
+                value = check_finite(loss.item(), "ctr training", epoch, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
-                loss_sum += loss.item() * len(index)
+                loss_sum += value * len(index)
             figures = {"train_logloss": loss_sum / max(len(train), 1), "lr": schedule.get_last_lr()[0]}
             if evaluation is not None and len(evaluation):
                 scores = predict(model, evaluation, settings.sequence_length, device)
@@ -175,6 +182,8 @@ def train_ctr(
                 if auc is not None:
                     figures["eval_auc"] = auc
             history.append(figures)
+            if checkpoints is not None:
+                checkpoints.write(Checkpoint.capture("ctr", epoch + 1, history, model, optimizer, generator, schedule).to_bytes())
             if on_epoch:
                 on_epoch(epoch, figures)
     model.eval()

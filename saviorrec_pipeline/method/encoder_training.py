@@ -4,6 +4,7 @@ Phase 1 (optional), domain adaptation: CLIP's image-title loss on the catalog.
 Phase 2, i2i alignment: InfoNCE over co-click pairs with in-batch negatives (eq. 3).
 Both use AdamW with a linear warmup over the first `warmup_epochs`, then cosine decay
 (paper 4.1.4: lr 1e-4, one warmup epoch). CUDA with bf16 autocast when available, CPU otherwise.
+Given a `CheckpointStore`, each phase saves after every epoch and resumes from the latest save.
 """
 
 import io
@@ -22,11 +23,13 @@ from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from PIL import Image
 
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, clip_loss, info_nce
+from saviorrec_pipeline.method.training_loop import Checkpoint, CheckpointStore, check_finite, latest_checkpoint
 
 # (phase, epoch, step, steps per epoch, loss) after every optimiser step
 StepCallback = Callable[[str, int, int, int, float], None]
 # (phase, epoch, mean loss, seconds, examples) after every epoch
 EpochCallback = Callable[[str, int, float, float, int], None]
+PHASES = ("domain_adaptation", "alignment")  # in training order
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def _optimizer(model: SaviorEnc, train: TrainConfig, steps_per_epoch: int, epoch
 
 def train_domain_adaptation(
     model: SaviorEnc, catalog: CatalogTensors, train: TrainConfig, device: torch.device,
-    on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None,
+    on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None, checkpoints: CheckpointStore | None = None,
 ) -> list[float]:
     """CLIP image-title loss over catalog items that have both; mean loss per epoch."""
     rows = torch.nonzero(catalog.has_image & catalog.has_title).flatten()
@@ -149,12 +152,14 @@ def train_domain_adaptation(
         image, text = model.tower_embeddings(images, tokens)
         return clip_loss(image.float(), text.float(), model.logit_scale)
 
-    return _run_phase("domain_adaptation", model, rows, loss_of, train, train.domain_adaptation_epochs, device, on_step, on_epoch)
+    return _run_phase(
+        "domain_adaptation", model, rows, loss_of, train, train.domain_adaptation_epochs, device, on_step, on_epoch, checkpoints
+    )
 
 
 def train_alignment(
     model: SaviorEnc, catalog: CatalogTensors, pair_rows: np.ndarray, train: TrainConfig, device: torch.device,
-    on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None,
+    on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None, checkpoints: CheckpointStore | None = None,
 ) -> list[float]:
     """InfoNCE (eq. 3) over co-click pairs given as catalog row indices (pairs x 2)."""
     if len(pair_rows) < 2:
@@ -167,7 +172,9 @@ def train_alignment(
         z = model(*catalog.batch(torch.cat([a, b]), device))
         return info_nce(z[: len(a)].float(), z[len(a) :].float(), train.temperature, item_ids[a], item_ids[b])
 
-    return _run_phase("alignment", model, torch.arange(len(pairs)), loss_of, train, train.epochs, device, on_step, on_epoch)
+    return _run_phase(
+        "alignment", model, torch.arange(len(pairs)), loss_of, train, train.epochs, device, on_step, on_epoch, checkpoints
+    )
 
 
 def full_batches(examples: int, batch_size: int) -> tuple[int, int]:
@@ -180,26 +187,36 @@ def full_batches(examples: int, batch_size: int) -> tuple[int, int]:
 def _run_phase(
     phase: str, model: SaviorEnc, examples: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor],
     train: TrainConfig, epochs: int, device: torch.device, on_step: StepCallback | None, on_epoch: EpochCallback | None,
+    checkpoints: CheckpointStore | None,
 ) -> list[float]:
     generator = torch.Generator().manual_seed(train.seed)
     batch_size, steps = full_batches(len(examples), train.batch_size)
     optimizer, schedule = _optimizer(model, train, steps, epochs)
     model.to(device).train()
-    history = []
-    for epoch in range(epochs):
+    history, first_epoch = [], 0
+    saved = latest_checkpoint(checkpoints)
+    if saved is not None and PHASES.index(saved.phase) > PHASES.index(phase):
+        return []  # a later phase had begun: this one is done, and its weights are in that checkpoint
+    if saved is not None and saved.phase == phase:
+        saved.restore(model, optimizer, generator, schedule)
+        history, first_epoch = saved.history, saved.epochs_done
+    for epoch in range(first_epoch, epochs):
         start, total = time.perf_counter(), 0.0
         order = examples[torch.randperm(len(examples), generator=generator)]
         for step in range(steps):
             with _autocast(device):
                 loss = loss_of(order[step * batch_size : (step + 1) * batch_size])
+            value = check_finite(loss.item(), phase, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += loss.item()
+            total += value
             if on_step:
-                on_step(phase, epoch, step, steps, loss.item())
+                on_step(phase, epoch, step, steps, value)
         history.append(total / steps)
+        if checkpoints is not None:
+            checkpoints.write(Checkpoint.capture(phase, epoch + 1, history, model, optimizer, generator, schedule).to_bytes())
         if on_epoch:
             on_epoch(phase, epoch, history[-1], time.perf_counter() - start, steps * batch_size)
     model.eval()

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from saviorrec_pipeline.method.encoder import info_nce
+from saviorrec_pipeline.method.training_loop import Checkpoint, CheckpointStore, check_finite, latest_checkpoint
 
 Assignment = Literal["argmin", "sinkhorn"]
 
@@ -218,15 +219,17 @@ class RQVAETrainConfig:
 
 
 def train_rqvae(
-    model: RQVAE, z: torch.Tensor, pairs: np.ndarray, train: RQVAETrainConfig, device: torch.device, on_epoch=None
+    model: RQVAE, z: torch.Tensor, pairs: np.ndarray, train: RQVAETrainConfig, device: torch.device, on_epoch=None,
+    checkpoints: CheckpointStore | None = None,
 ) -> list[dict[str, float]]:
     """The whole recipe: fit the input scaling, warm the autoencoder up, initialise the codebooks by
     k-means, then train eq. 5 with Adam over shuffled item batches; each step also takes a batch of
-    co-click pairs (rows of z). Returns one dict of figures per RQ epoch."""
+    co-click pairs (rows of z). Returns one dict of figures per RQ epoch. Given a `CheckpointStore`,
+    saves after every RQ epoch and resumes from the latest save (scaling, warmup and k-means are
+    in the saved weights)."""
     generator = torch.Generator().manual_seed(train.seed)
     model.to(device).train()
     z = z.to(device)
-    model.fit_input_scaling(z)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
     batch = min(train.batch_size, len(z))
     steps = max(1, len(z) // batch)
@@ -235,20 +238,27 @@ def train_rqvae(
         order = torch.randperm(len(z), generator=generator)
         return [order[step * batch : (step + 1) * batch] for step in range(steps)]
 
-    for _ in range(train.warmup_epochs):
-        for rows in batches():
-            loss = F.mse_loss(model.decoder(model.encode(z[rows])), (z[rows] - model.input_mean) / model.input_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    model.init_codebooks(z, seed=train.seed)
+    history, first_epoch = [], 0
+    saved = latest_checkpoint(checkpoints)
+    if saved is not None:
+        saved.restore(model, optimizer, generator)
+        history, first_epoch = saved.history, saved.epochs_done
+    else:
+        model.fit_input_scaling(z)
+        for epoch in range(train.warmup_epochs):
+            for step, rows in enumerate(batches()):
+                loss = F.mse_loss(model.decoder(model.encode(z[rows])), (z[rows] - model.input_mean) / model.input_scale)
+                check_finite(loss.item(), "rq-vae warmup", epoch, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        model.init_codebooks(z, seed=train.seed)
 
     pair_rows = torch.from_numpy(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
-    history = []
-    for epoch in range(train.epochs):
+    for epoch in range(first_epoch, train.epochs):
         usage = torch.zeros(model.config.num_levels, model.config.codebook_size, dtype=torch.long)
         totals: dict[str, float] = {}
-        for rows in batches():
+        for step, rows in enumerate(batches()):
             pair_z = None
             if len(pair_rows) >= 2:
                 picked = pair_rows[torch.randint(0, len(pair_rows), (min(batch, len(pair_rows)),), generator=generator)]
@@ -256,15 +266,18 @@ def train_rqvae(
             loss, parts, q = rqvae_loss(
                 model, z[rows], pair_z, train.lambda_reconstruct, train.lambda_commit, train.temperature, train.assignment
             )
+            value = check_finite(loss.item(), "rq-vae", epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             model.update_codebooks(q, train.codebook_decay)
             usage += code_usage(q.codes.cpu(), model.config.codebook_size)
-            for key, value in {"loss": loss.item(), **parts}.items():
-                totals[key] = totals.get(key, 0.0) + value / steps
+            for key, part in {"loss": value, **parts}.items():
+                totals[key] = totals.get(key, 0.0) + part / steps
         totals["dead_codes_reseeded"] = model.reseed_dead_codes(usage, q.residuals.detach().cpu(), generator)
         history.append(totals)
+        if checkpoints is not None:
+            checkpoints.write(Checkpoint.capture("rq", epoch + 1, history, model, optimizer, generator).to_bytes())
         if on_epoch:
             on_epoch(epoch, totals)
     model.eval()

@@ -12,10 +12,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import dagster as dg
-from mlflow.entities import Metric, Param, RunStatus
-from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+import requests
+from mlflow.entities import Metric, Param, RunStatus, ViewType
+from mlflow.environment_variables import (
+    MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+    MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
@@ -23,10 +29,38 @@ from safetensors.torch import load_file, save_file
 # On a tracking server, MLflow prints "View run ... at: <tracking URI>" to stdout as each run ends;
 # the URI may hold credentials, and Dagster keeps a step's stdout in its compute logs.
 os.environ.setdefault(MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name, "true")
+# MLflow retries a failed request 7 times with a backoff factor of 2: about 4 minutes per request
+# before a stage learns that its tracking server is down. 4 retries with factor 1 (waits of 0, 2, 4
+# and 8 s, each plus up to 1 s of jitter) ride out a restart of the server and fail in about 15 s.
+os.environ.setdefault(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, "4")
+os.environ.setdefault(MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name, "1")
+
+# What MLflow calls raise when the tracking server fails or cannot be reached.
+TRACKING_ERRORS = (MlflowException, requests.RequestException)
 
 EXPERIMENT = "saviorrec"
 _PARAMS_PER_REQUEST = 100  # MLflow's limit for one log_batch call
 MODEL_WEIGHTS = "model.safetensors"
+
+
+class TrackingError(RuntimeError):
+    """An MLflow call failed; the message names the stage and the tracking URI, without credentials."""
+
+
+def without_credentials(uri: str) -> str:
+    """`uri` without the user and password a server URI may hold (`https://user:token@host/`)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def step_tags(dagster_run_id: str, asset: str, partition: str | None) -> dict[str, str]:
+    """The tags that tie an MLflow run (and the model versions it registers) to one Dagster step."""
+    tags = {"dagster.run_id": dagster_run_id, "dagster.asset": asset}
+    if partition is not None:
+        tags["dagster.partition"] = partition
+    return tags
 
 
 class TrackedRun:
@@ -91,25 +125,69 @@ class MlflowTracking(dg.ConfigurableResource):
         return client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root if local else None)
 
     def origin_tags(self, context: dg.AssetExecutionContext) -> dict[str, str]:
-        tags = {"dagster.run_id": context.run.run_id, "dagster.asset": context.asset_key.to_user_string()}
-        if context.has_partition_key:
-            tags["dagster.partition"] = context.partition_key
-        return tags
+        return step_tags(context.run.run_id, context.asset_key.to_user_string(), context.partition_key if context.has_partition_key else None)
 
     @contextmanager
     def start_run(self, context: dg.AssetExecutionContext, run_name: str, parent: TrackedRun | None = None) -> Iterator[TrackedRun]:
         """A run tagged with the Dagster run id, asset and partition (nested under `parent` when
-        given); FAILED if the block raises."""
+        given); FAILED if the block raises, and when the step's outermost run fails, whatever the
+        step registered is withdrawn. A failing MLflow call raises TrackingError."""
+        stage = context.asset_key.to_user_string()
         client = self.client()
         tags = self.origin_tags(context) | ({"mlflow.parentRunId": parent.run_id} if parent else {})
-        run = client.create_run(self._experiment_id(client), run_name=run_name, tags=tags)
-        tracked = TrackedRun(client, run.info.run_id)
+        with self._reporting(f"{stage} could not start its MLflow run"):
+            run = client.create_run(self._experiment_id(client), run_name=run_name, tags=tags)
         try:
-            yield tracked
-        except BaseException:
-            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            yield TrackedRun(client, run.info.run_id)
+        except BaseException as exc:
+            if parent is None:
+                partition = context.partition_key if context.has_partition_key else None
+                self.withdraw_failed_step(context.log, context.run.run_id, stage, partition)
+            else:
+                with _logged(context.log), self._reporting(stage):
+                    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+            if isinstance(exc, TRACKING_ERRORS):
+                raise self._error(stage, exc) from None
             raise
-        client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+        with self._reporting(f"{stage} could not end its MLflow run"):
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def withdraw_failed_step(self, log: dg.DagsterLogManager, dagster_run_id: str, asset: str, partition: str | None) -> None:
+        """Undo what a failed step left in MLflow: delete the model versions its runs registered and
+        end those runs FAILED, so that no registered model comes from a failed stage. Logged; if
+        MLflow cannot be reached this only logs why: the step is failing already, for its own reason."""
+        with _logged(log), self._reporting(f"{asset}: could not withdraw what this failed step registered"):
+            client = self.client()
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            query = " AND ".join(f"tags.`{key}` = '{value}'" for key, value in step_tags(dagster_run_id, asset, partition).items())
+            runs = client.search_runs([experiment.experiment_id], query, run_view_type=ViewType.ALL) if experiment else []
+            for run in runs:
+                for version in client.search_model_versions(f"run_id = '{run.info.run_id}'"):
+                    client.delete_model_version(version.name, version.version)
+                    log.warning(f"{asset} failed: withdrew model {version.name} version {version.version} (MLflow run {run.info.run_id})")
+                if run.info.status != RunStatus.to_string(RunStatus.FAILED):
+                    client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+
+    @contextmanager
+    def _reporting(self, what: str) -> Iterator[None]:
+        """An MLflow failure in the block raised as a TrackingError that names `what`."""
+        try:
+            yield
+        except TRACKING_ERRORS as exc:
+            raise self._error(what, exc) from None
+
+    def _error(self, what: str, exc: BaseException) -> TrackingError:
+        """`exc` as a TrackingError naming `what` and the tracking URI; MLflow's own message names the
+        URI with whatever credentials it holds, so those are cut out of it, and it is not chained."""
+        message = str(exc)
+        netloc = urlsplit(self.tracking_uri).netloc
+        if "@" in netloc:
+            userinfo = netloc.rsplit("@", 1)[0]
+            message = message.replace(f"{userinfo}@", "")
+            password = userinfo.partition(":")[2]
+            for secret in {password, unquote(password)} - {""}:
+                message = message.replace(secret, "***")
+        return TrackingError(f"{what}: MLflow tracking at {without_credentials(self.tracking_uri)} failed: {message}")
 
     def load_model_files(self, model_uri: str, config_file: str) -> tuple[dict, dict]:
         """(config, state dict) of a model logged by `TrackedRun.log_model`; nothing is unpickled."""
@@ -122,8 +200,18 @@ class MlflowTracking(dg.ConfigurableResource):
         resource's registry, not MLflow's process-wide default."""
         from mlflow.artifacts import download_artifacts
 
-        if artifact_uri.startswith("models:/"):
-            name, version = artifact_uri.removeprefix("models:/").rsplit("/", 1)
-            artifact_uri = self.client().get_model_version_download_uri(name, version)
-        os.makedirs(into, exist_ok=True)
-        return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(into), tracking_uri=self.tracking_uri))
+        with self._reporting(f"loading {artifact_uri}"):
+            if artifact_uri.startswith("models:/"):
+                name, version = artifact_uri.removeprefix("models:/").rsplit("/", 1)
+                artifact_uri = self.client().get_model_version_download_uri(name, version)
+            os.makedirs(into, exist_ok=True)
+            return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(into), tracking_uri=self.tracking_uri))
+
+
+@contextmanager
+def _logged(log: dg.DagsterLogManager) -> Iterator[None]:
+    """A TrackingError in the block logged as a warning instead of raised (cleanup of a failing step)."""
+    try:
+        yield
+    except TrackingError as exc:
+        log.warning(str(exc))
