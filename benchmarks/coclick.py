@@ -7,25 +7,23 @@ The pair tables must be identical, or the benchmark fails.
     python benchmarks/coclick.py                      # 10^6 and 10^7 events
     python benchmarks/coclick.py --events 1000000     # one size
 
-Writes benchmarks/results/coclick.json. The number to read is `duckdb_seconds / polars_seconds`
-(> 1: Polars faster), measured in the same run on the same machine.
+Writes benchmarks/results/coclick.json. The numbers to read are `alternative_over_ours_seconds`
+(DuckDB's seconds over Polars'; > 1: Polars faster), measured in the same run on the same machine,
+and the scaling exponent of each engine between the sizes.
 """
 
 import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from report import write_report  # benchmarks/report.py, beside this script
+from measure import comparison, measured, polars_beside_duckdb  # benchmarks/, beside this script
+from report import write_report
 
 CLICKS_PER_USER = 20
 TRAIN_DAYS = 21
@@ -74,48 +72,41 @@ def duckdb_query(path: Path, window: int, max_gap_hours: int, min_support: int) 
 
 
 def mine(engine: str, clicks: Path, pairs_out: Path) -> dict:
-    """Runs in a child process: mine, write the pairs, report seconds and peak RSS."""
-    start = time.perf_counter()
+    """Runs in a child process: mine, write the pairs, report seconds and peak RSS of the mining.
+    Each engine is imported here, so a child loads only its own."""
     if engine == "polars":
         from saviorrec_pipeline.method.coclick import CoclickParams, mine_coclick_pairs
 
-        pairs = mine_coclick_pairs(pl.scan_parquet(clicks), CoclickParams())
+        figures, pairs = measured(lambda: mine_coclick_pairs(pl.scan_parquet(clicks), CoclickParams()))
     else:
         import duckdb
 
-        pairs = pl.from_arrow(duckdb.sql(duckdb_query(clicks, 5, 24, 2)).to_arrow_table())
-    seconds = time.perf_counter() - start
+        figures, pairs = measured(lambda: pl.from_arrow(duckdb.sql(duckdb_query(clicks, 5, 24, 2)).to_arrow_table()))
     pairs.write_parquet(pairs_out)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"seconds": round(seconds, 3), "peak_rss_mib": round(peak_kib / 1024, 1), "pairs": pairs.height}
-
-
-def run_child(engine: str, clicks: Path, pairs_out: Path) -> dict:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", engine, str(clicks), str(pairs_out)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**figures, "pairs": pairs.height}
 
 
 def benchmark(events: int, workdir: Path) -> dict:
+    """Both engines on one click log of `events` rows; they must give the same pairs."""
     clicks = workdir / f"clicks_{events}.parquet"
     write_click_log(clicks, events)
-    result: dict = {"events": events}
-    for engine in ("polars", "duckdb"):
-        measured = run_child(engine, clicks, workdir / f"pairs_{engine}_{events}.parquet")
-        measured["events_per_s"] = round(events / measured["seconds"])
-        result[engine] = measured
-        print(f"{events:>10} events  {engine:<6} {measured}", flush=True)
-    ours = pl.read_parquet(workdir / f"pairs_polars_{events}.parquet")
-    theirs = pl.read_parquet(workdir / f"pairs_duckdb_{events}.parquet")
-    if not ours.equals(theirs):
-        raise SystemExit(f"polars and duckdb disagree at {events} events: {ours.height} vs {theirs.height} pairs")
-    result["duckdb_seconds_over_polars"] = round(result["duckdb"]["seconds"] / result["polars"]["seconds"], 2)
-    result["polars_peak_over_duckdb"] = round(result["polars"]["peak_rss_mib"] / result["duckdb"]["peak_rss_mib"], 2)
-    return result
+    sides = polars_beside_duckdb(__file__, clicks, workdir / f"pairs_{events}")
+    for figures in sides.values():
+        figures["events_per_s"] = round(events / figures["seconds"])
+    return {"size": events, **sides}
+
+
+def run(sizes: list[int]) -> dict:
+    """The report for click logs of each size in `sizes` (events)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        runs = [benchmark(n, Path(workdir)) for n in sizes]
+    return {
+        "benchmark": "coclick",
+        "definition": "window 5, max_gap 24h, min_support 2",
+        "data": f"about {CLICKS_PER_USER} clicks per user in sessions over {TRAIN_DAYS} days, zipf({ZIPF_EXPONENT}) items",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "polars": pl.__version__},
+        "stages": [comparison("co-click mining", "click events", "Polars (mine_coclick_pairs)", "DuckDB, one SQL query", runs)],
+    }
 
 
 def main() -> None:
@@ -128,16 +119,7 @@ def main() -> None:
         engine, clicks, pairs_out = args.child
         print(json.dumps(mine(engine, Path(clicks), Path(pairs_out))))
         return
-    with tempfile.TemporaryDirectory() as workdir:
-        runs = [benchmark(n, Path(workdir)) for n in args.events]
-    report = {
-        "benchmark": "coclick",
-        "definition": "window 5, max_gap 24h, min_support 2",
-        "data": f"about {CLICKS_PER_USER} clicks per user in sessions over {TRAIN_DAYS} days, zipf({ZIPF_EXPONENT}) items",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "polars": pl.__version__},
-        "runs": runs,
-    }
-    write_report(args.out, report)
+    write_report(args.out, run(args.events))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
-"""SaviorEnc throughput: training pairs/s and embedding items/s, per preset, on this machine's device.
+"""SaviorEnc throughput: training pairs/s and embedding items/s, per preset, on this machine's device,
+at two or more sizes.
 
-    python benchmarks/encoder.py                         # tiny and paper presets
-    python benchmarks/encoder.py --presets tiny --steps 20
+    python benchmarks/encoder.py                              # tiny and paper presets, sizes x1 and x4
+    python benchmarks/encoder.py --presets tiny --sizes 1 2 4
 
-Named alternatives, measured in the same run on the same batches:
+A size multiplies the preset's timed training steps and its catalog (`BASE_SIZES`). Named
+alternatives, measured in the same run on batches of the same size:
 - training: the domain-adaptation step (the towers and CLIP's loss, no fusion, no projection), so
-  `alignment_over_towers_only` is the cost of eq. 2's fusion transformer and head relative to it;
-- embedding: one item at a time instead of batches, so `batched_over_one_at_a_time` is what
-  batching buys.
+  `alternative_over_ours_seconds` below 1 is the cost of eq. 2's fusion transformer and head;
+- embedding: one item at a time instead of batches of 256, over the same items, so
+  `alternative_over_ours_seconds` is what batching buys.
 Writes benchmarks/results/encoder.json.
 """
 
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,18 @@ import torch
 from saviorrec_pipeline.method.encoder import clip_loss, info_nce, preset
 from saviorrec_pipeline.method.encoder_training import CatalogTensors, build_model, device_for_training, embed_catalog
 
-from report import write_report  # benchmarks/report.py, beside this script
+from measure import comparison, measured  # benchmarks/, beside this script
+from report import write_report
+
+# Per preset and device type, at size 1: (pairs per batch, timed steps, catalog items). On CPU the
+# paper preset's batch of 4096 pairs would take minutes per step: a small batch measures the same
+# per-pair cost.
+BASE_SIZES = {
+    "tiny": {"cpu": (512, 5, 1024), "cuda": (512, 10, 4096)},
+    "minilm": {"cpu": (512, 5, 1024), "cuda": (512, 10, 4096)},
+    "paper": {"cpu": (16, 1, 16), "cuda": (256, 10, 2048)},
+}
+EMBED_BATCH = 256
 
 
 def synthetic_catalog(items: int, image_size: int, context_length: int, seed: int = 0) -> CatalogTensors:
@@ -40,19 +52,25 @@ def synthetic_catalog(items: int, image_size: int, context_length: int, seed: in
     )
 
 
-def _timed_steps(step, steps: int, device: torch.device) -> float:
-    step()  # warm-up: allocation, kernel selection
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+def _timed_steps(step, steps: int, device: torch.device) -> dict:
+    """Seconds and peak RSS of `steps` steps after one warm-up step (allocation, kernel selection)."""
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed() -> None:
+        for _ in range(steps):
+            step()
+        synchronize()
+
+    step()
+    synchronize()
+    figures, _ = measured(timed)
+    return figures
 
 
-def measure(name: str, batch: int, steps: int, items: int) -> dict:
+def measure(name: str, batch: int, steps: int, items: int) -> tuple[dict, dict]:
+    """One size: the training run (`steps` batches of `batch` pairs) and the embedding run (`items`)."""
     device = device_for_training()
     config = preset(name)
     model = build_model(config, seed=0).to(device).train()
@@ -80,58 +98,52 @@ def measure(name: str, batch: int, steps: int, items: int) -> dict:
         loss.backward()
         optimizer.step()
 
-    alignment_s = _timed_steps(alignment_step, steps, device)
-    towers_s = _timed_steps(towers_only_step, steps, device)
-    embed_start = time.perf_counter()
-    embed_catalog(model, catalog, device, batch_size=256)
-    batched_s = time.perf_counter() - embed_start
-    single = CatalogTensors(catalog.item_ids[:32], catalog.images[:32], catalog.has_image[:32], catalog.tokens[:32], catalog.has_title[:32])
-    single_start = time.perf_counter()
-    embed_catalog(model, single, device, batch_size=1)
-    single_per_item = (time.perf_counter() - single_start) / len(single)
-    pairs_per_s = steps * batch / alignment_s
-    items_per_s = items / batched_s
+    alignment = _timed_steps(alignment_step, steps, device)
+    towers_only = _timed_steps(towers_only_step, steps, device)
+    batched, _ = measured(lambda: embed_catalog(model, catalog, device, batch_size=EMBED_BATCH))
+    one_at_a_time, _ = measured(lambda: embed_catalog(model, catalog, device, batch_size=1))
+    pairs = steps * batch
+    training = {"size": pairs, "batch_pairs": batch, "steps": steps,
+                "ours": {**alignment, "pairs_per_s": round(pairs / alignment["seconds"], 1)},
+                "alternative": {**towers_only, "pairs_per_s": round(pairs / towers_only["seconds"], 1)}}
+    embedding = {"size": items,
+                 "ours": {**batched, "items_per_s": round(items / batched["seconds"], 1)},
+                 "alternative": {**one_at_a_time, "items_per_s": round(items / one_at_a_time["seconds"], 1)}}
+    return training, embedding
+
+
+def run(presets: list[str], sizes: list[int]) -> dict:
+    """The report: per preset, training and embedding at each size (a multiple of BASE_SIZES)."""
+    device = device_for_training()
+    stages = []
+    for name in presets:
+        batch, base_steps, base_items = BASE_SIZES[name][device.type]
+        measured_sizes = []
+        for size in sizes:
+            measured_sizes.append(measure(name, batch, base_steps * size, base_items * size))
+            print(json.dumps({"preset": name, "size": size, "measured": measured_sizes[-1]}), flush=True)
+        stages.append(comparison(f"encoder training ({name})", "training pairs", "alignment step (towers, fusion, head; InfoNCE)",
+                                 "towers-only CLIP step", [training for training, _ in measured_sizes]))
+        stages.append(comparison(f"item embedding ({name})", "catalog items", f"batches of {EMBED_BATCH}",
+                                 "one item at a time", [embedding for _, embedding in measured_sizes]))
+    cuda = device.type == "cuda"
     return {
-        "preset": name,
+        "benchmark": "encoder",
         "device": str(device),
-        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "batch_pairs": batch,
-        "steps": steps,
-        "train_pairs_per_s": round(pairs_per_s, 1),
-        "towers_only_pairs_per_s": round(steps * batch / towers_s, 1),
-        "alignment_over_towers_only": round(towers_s / alignment_s, 3),
-        "embed_items_per_s": round(items_per_s, 1),
-        "embed_one_at_a_time_items_per_s": round(1 / single_per_item, 1),
-        "batched_over_one_at_a_time": round(items_per_s * single_per_item, 2),
-        "peak_rss_mib": round(psutil.Process().memory_info().rss / 2**20, 1),
-        "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+        "machine": {"cpus": psutil.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                    "gpu": torch.cuda.get_device_name() if cuda else None},
+        "peak_cuda_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        "stages": stages,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "paper"])
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per phase (default: 10; 2 for paper on CPU)")
+    parser.add_argument("--presets", nargs="+", choices=sorted(BASE_SIZES), default=["tiny", "paper"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4], help="multiples of the preset's steps and catalog")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "encoder.json")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    # On CPU the paper preset's batch of 4096 pairs would take minutes per step: a small batch
-    # measures the same per-pair cost.
-    batches = {"tiny": 512, "paper": 256 if cuda else 16, "minilm": 512}
-    items = {"tiny": 4096, "paper": 2048 if cuda else 256, "minilm": 4096}
-    runs = []
-    for name in args.presets:
-        steps = args.steps or (2 if name == "paper" and not cuda else 10)
-        result = measure(name, batches[name], steps, items[name])
-        print(json.dumps(result), flush=True)
-        runs.append(result)
-    report = {
-        "benchmark": "encoder",
-        "machine": {"cpus": psutil.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "gpu": torch.cuda.get_device_name() if cuda else None},
-        "runs": runs,
-    }
-    write_report(args.out, report)
+    write_report(args.out, run(args.presets, args.sizes))
 
 
 if __name__ == "__main__":
