@@ -36,14 +36,16 @@ USER_BUCKETS = 100_003
 
 
 def training_rows(scale: float) -> pl.DataFrame:
+    """Shuffled, so every prefix has the same mix of history lengths: in time order, later rows carry
+    longer click sequences and a longer prefix would cost more per row."""
     with tempfile.TemporaryDirectory() as folder:
         raw = Path(folder) / "raw"
         generate_demo(raw, DemoSpec(scale=scale))
-        return polars_rows(raw).filter(pl.col("split") == "train")
+        return polars_rows(raw).filter(pl.col("split") == "train").sample(fraction=1.0, shuffle=True, seed=0)
 
 
 def run(step_counts: list[int], scale: float) -> dict:
-    """The report: `saviorrec` and `base` trained on the first `steps` batches of rows, per count."""
+    """The report: `saviorrec` and `base` trained on the first `steps` batches of the shuffled rows, per count."""
     rows = training_rows(scale)
     settings = CTRTrainConfig(epochs=1, batch_size=1024, sequence_length=50)
     if max(step_counts) * settings.batch_size > rows.height:

@@ -2,8 +2,6 @@
 
 import dagster as dg
 
-from saviorrec_pipeline.partitions import daily_partitions
-
 # Stages that train a model carry this pool; dagster.yaml limits it to one step at a time, so two
 # trainings never share the machine, whether in one run or in several.
 TRAINING_POOL = "training"
@@ -11,7 +9,6 @@ TRAINING_POOL = "training"
 chain_job = dg.define_asset_job(
     "saviorrec_chain",
     selection=dg.AssetSelection.all(),
-    partitions_def=daily_partitions,
     description="The whole chain for one day D: validate the raw sources, mine co-clicks from D's training window, "
     "train SaviorEnc, embed the catalog, report i2i Hit@K, assign RQ-VAE semantic IDs, build the ranking dataset, "
     "train the CTR variants and report AUC per PV bucket.",

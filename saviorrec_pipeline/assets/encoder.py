@@ -12,6 +12,7 @@ import polars as pl
 from pydantic import Field
 from safetensors.torch import load_file
 
+from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, preset, with_text_tower
 from saviorrec_pipeline.method.encoder_training import (
     TRAIN_PRESETS,
@@ -28,7 +29,6 @@ from saviorrec_pipeline.method.encoder_training import (
 from saviorrec_pipeline.method.item_rows import pair_rows
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
 from saviorrec_pipeline.method.training_loop import CheckpointStore, fingerprint
-from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.raw import RawStore

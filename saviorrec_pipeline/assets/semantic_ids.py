@@ -11,6 +11,7 @@ import polars as pl
 import torch
 from pydantic import Field
 
+from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.method.encoder_training import device_for_training
 from saviorrec_pipeline.method.item_rows import pair_rows
 from saviorrec_pipeline.method.rqvae import (
@@ -23,7 +24,6 @@ from saviorrec_pipeline.method.rqvae import (
     train_rqvae,
 )
 from saviorrec_pipeline.method.training_loop import fingerprint
-from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage, resume_point
@@ -129,7 +129,8 @@ def semantic_ids(
     where = f"item_embeddings for {context.partition_key}"
     if item_embeddings.is_empty():
         raise ValueError(f"{where} has no rows")
-    z_np = np.ascontiguousarray(item_embeddings["embedding"].to_numpy(), dtype=np.float32)
+    # A writable copy: Polars hands out a read-only view, which torch warns about.
+    z_np = np.array(item_embeddings["embedding"].to_numpy(), dtype=np.float32, order="C")
     architecture = config.architecture(z_np.shape[1] if z_np.ndim == 2 else -1)
     check_embeddings(z_np, architecture.input_dim, architecture.codebook_size, where)
     z = torch.from_numpy(z_np)
