@@ -24,6 +24,7 @@ from saviorrec_pipeline.method.encoder_training import (
     embed_catalog,
     train_alignment,
 )
+from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
 from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
@@ -146,6 +147,12 @@ def test_chain_trains_registers_and_reloads_identically(demo_raw, tmp_path):
     report = storage.read("i2i_retrieval", EVAL_DAY)
     assert report["variant"].to_list() == ["untuned", "domain_adaptation", "i2i_alignment", "both"]
     assert (report["queries"] > 0).all() and report["hit_rate"].is_between(0, 1).all()
+    # Table 4's "both" row is the registered encoder: the embeddings above give its hits.
+    window = resources["window"]
+    queries = consecutive_click_pairs(resources["raw"].read_clicks(window.evaluation_days(EVAL_DAY)))
+    registered = hit_at_k(embeddings["item_id"].to_numpy(), vectors, queries, int(report["k"][0]))
+    both = report.row(by_predicate=pl.col("variant") == "both", named=True)
+    assert (both["hits"], both["queries"]) == (registered.hits, registered.queries)
 
 
 def test_no_coclick_pairs_is_a_clear_error(demo_raw, tmp_path):
