@@ -2,7 +2,9 @@
 
 import polars as pl
 import pytest
+import torch
 
+from saviorrec_pipeline.method.training_loop import Checkpoint
 from saviorrec_pipeline.resources.storage import ParquetStorage, filesystem
 
 
@@ -76,3 +78,16 @@ def test_checkpoints_keep_every_nth_epoch_and_clear_per_partition(storage: Parqu
     storage.clear_checkpoints("ctr_model", "2025-07-22")
     assert file.read() is None
     assert storage.checkpoint("ctr_model", "2025-07-23", "base-0123abcd").read() == (None if every != 1 else b"other day")
+
+
+def test_saved_position_reads_a_checkpoints_phase_and_epoch_from_its_header(storage: ParquetStorage):
+    file = storage.checkpoint("item_encoder", "2025-07-22", "0123abcd")
+    assert file.saved_position() is None
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.ones(2, 64)).sum().backward()
+    optimizer.step()
+    for epoch in (1, 2, 3):
+        file.write(Checkpoint.capture("alignment", epoch, [0.5] * epoch, model, optimizer, torch.Generator()).to_bytes())
+    assert file.saved_position() == ("alignment", 3)
+    assert Checkpoint.from_bytes(file.read()).epochs_done == 3

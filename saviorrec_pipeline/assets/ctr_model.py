@@ -9,7 +9,7 @@ import polars as pl
 import torch
 from pydantic import Field
 
-from saviorrec_pipeline.assets.semantic_ids import load_rqvae
+from saviorrec_pipeline.assets.semantic_ids import embedding_matrix, load_rqvae
 from saviorrec_pipeline.jobs import TRAINING_POOL
 from saviorrec_pipeline.method.ctr_model import VARIANTS, CTRConfig, CTRModel
 from saviorrec_pipeline.method.ctr_training import (
@@ -86,7 +86,7 @@ def ctr_model(
         raise ValueError(f"{where}: training rows hold a single label value; nothing to learn")
 
     items = ItemIndex(item_embeddings["item_id"].to_numpy())
-    z = torch.from_numpy(np.array(item_embeddings["embedding"].to_numpy(), dtype=np.float32, order="C"))
+    z = torch.from_numpy(embedding_matrix(item_embeddings))
     codes_table = item_embeddings.select("item_id").join(semantic_ids.select("item_id", "codes"), on="item_id", how="left", maintain_order="left")
     if codes_table["codes"].null_count():
         raise ValueError(f"semantic_ids {context.partition_key}: {codes_table['codes'].null_count()} embedded item(s) have no codes")

@@ -83,6 +83,12 @@ class SemanticIdsConfig(dg.Config):
         )
 
 
+def embedding_matrix(item_embeddings: pl.DataFrame) -> np.ndarray:
+    """item_embeddings' vectors as one (items, d) float32 array, in row order. A writable copy:
+    Polars hands out a read-only view, which torch warns about."""
+    return np.array(item_embeddings["embedding"].to_numpy(), dtype=np.float32, order="C")
+
+
 def _fit(
     context: dg.AssetExecutionContext, storage: ParquetStorage, architecture: RQVAEConfig, training: RQVAETrainConfig,
     z: torch.Tensor, pairs: np.ndarray, on_epoch=None,
@@ -129,8 +135,7 @@ def semantic_ids(
     where = f"item_embeddings for {context.partition_key}"
     if item_embeddings.is_empty():
         raise ValueError(f"{where} has no rows")
-    # A writable copy: Polars hands out a read-only view, which torch warns about.
-    z_np = np.array(item_embeddings["embedding"].to_numpy(), dtype=np.float32, order="C")
+    z_np = embedding_matrix(item_embeddings)
     architecture = config.architecture(z_np.shape[1] if z_np.ndim == 2 else -1)
     check_embeddings(z_np, architecture.input_dim, architecture.codebook_size, where)
     z = torch.from_numpy(z_np)

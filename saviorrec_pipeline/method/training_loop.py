@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, is_dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -97,10 +97,22 @@ class Checkpoint:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Checkpoint":
-        # safetensors layout: 8-byte little-endian header length, then the JSON header.
-        header_length = int.from_bytes(data[:8], "little")
-        loop = json.loads(json.loads(data[8 : 8 + header_length])["__metadata__"][_METADATA_KEY])
+        loop = _loop_metadata(lambda start, end: data[start:end])
         return cls(loop["phase"], loop["epochs_done"], loop["history"], load_tensors(data), loop["optimizer_rest"], loop["schedule"])
+
+
+def _loop_metadata(read_range: Callable[[int, int], bytes]) -> dict:
+    """The training loop's metadata of a checkpoint, from its header alone: safetensors begins with
+    the header's length (8 bytes, little-endian), then the JSON header."""
+    header_length = int.from_bytes(read_range(0, 8), "little")
+    return json.loads(json.loads(read_range(8, 8 + header_length))["__metadata__"][_METADATA_KEY])
+
+
+def saved_position(read_range: Callable[[int, int], bytes]) -> tuple[str, int]:
+    """(phase, epochs done) of a checkpoint whose bytes `read_range(start, end)` reads: only its
+    header is read, and the tensors (gigabytes, at the paper's sizes) stay where they are."""
+    loop = _loop_metadata(read_range)
+    return loop["phase"], loop["epochs_done"]
 
 
 def latest_checkpoint(store: CheckpointStore | None) -> Checkpoint | None:

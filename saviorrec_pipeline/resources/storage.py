@@ -19,7 +19,7 @@ import polars as pl
 from pydantic import Field
 from fsspec.implementations.local import LocalFileSystem
 
-from saviorrec_pipeline.method.training_loop import latest_checkpoint
+from saviorrec_pipeline.method.training_loop import saved_position
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}")  # whole name (fullmatch), at most 128 characters
@@ -101,6 +101,11 @@ class CheckpointFile:
         fs, path = filesystem(self.uri)
         return fs.cat_file(path) if fs.exists(path) else None
 
+    def saved_position(self) -> tuple[str, int] | None:
+        """(phase, epochs done) of the latest save, read by byte ranges from its header only."""
+        fs, path = filesystem(self.uri)
+        return saved_position(lambda start, end: fs.cat_file(path, start=start, end=end)) if fs.exists(path) else None
+
     def write(self, data: bytes) -> None:
         self._offered += 1
         if self.every and self._offered % self.every == 0:
@@ -110,10 +115,11 @@ class CheckpointFile:
 def resume_point(context: dg.AssetExecutionContext, checkpoints: CheckpointFile) -> str:
     """Where a stage's training picks up, logged when it is not the start: after the saved epoch of
     an interrupted run with the same inputs and settings."""
-    saved = latest_checkpoint(checkpoints)
+    saved = checkpoints.saved_position()
     if saved is None:
         return "start"
-    where = f"{saved.phase} epoch {saved.epochs_done}"
+    phase, epochs_done = saved
+    where = f"{phase} epoch {epochs_done}"
     context.log.info(f"resuming from the checkpoint after {where}: {checkpoints.uri}")
     return where
 
