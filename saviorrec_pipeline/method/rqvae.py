@@ -258,7 +258,7 @@ def train_rqvae(
                 optimizer.step()
         model.init_codebooks(z, seed=train.seed)
 
-    pair_rows = torch.from_numpy(np.asarray(pairs, dtype=np.int64).reshape(-1, 2))
+    pair_rows = torch.from_numpy(np.array(pairs, dtype=np.int64).reshape(-1, 2))  # a copy: pairs may be read-only
     for epoch in range(first_epoch, train.epochs):
         usage = torch.zeros(model.config.num_levels, model.config.codebook_size, dtype=torch.long)
         totals: dict[str, float] = {}
