@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from saviorrec_pipeline.method import coclick
 from saviorrec_pipeline.method.coclick import CoclickParams, mine_coclick_pairs
 
 T0 = dt.datetime(2025, 7, 1, tzinfo=dt.timezone.utc)
@@ -70,6 +71,16 @@ def test_matches_brute_force_on_random_logs(seed, params):
     assert len(expected) > 5, "the random log must produce pairs for the test to mean anything"
     assert mined(clicks, params) == expected
 
+
+
+@pytest.mark.parametrize("key_bits", [16, 13])
+def test_pairs_whose_keys_do_not_fit_are_mined_in_partitions_with_the_same_result(monkeypatch, key_bits):
+    """40 items and 60 users need 6 + 6 + 6 bits per (item_a, item_b, user) key: narrower keys make
+    the top 2 or 5 bits of item_a a partition (as 10^6 items and 10^8 users would at 64 bits)."""
+    clicks = random_clicks(5, n=4000, users=60, items=40, span=dt.timedelta(days=3))
+    expected = brute_force(clicks, CoclickParams(min_support=1))
+    monkeypatch.setattr(coclick, "KEY_BITS", key_bits)
+    assert mined(clicks, CoclickParams(min_support=1)) == expected
 
 def test_window_boundary_counts_the_kth_next_click_but_not_the_next_one():
     # user 1 clicks items 10, 11, 12, 13 one minute apart; with window=2, 10 pairs with 11 and 12 only.

@@ -7,9 +7,11 @@ support >= `min_support` are kept.
 
 Cost: one sort of the click events, then `window` shifted comparisons over the sorted frame, so
 work grows with events x window, never with the square of a user's history. Items are renumbered
-densely (order-preserving) so a pair packs into one UInt64 key; the distinct-user count over those
-keys runs on Polars' streaming engine. At 10^7 clicks this is about 2x faster than the same
-definition as one DuckDB query, under 1.5 GiB peak (benchmarks/coclick.py).
+densely (order-preserving) so that (item_a, item_b, user) packs into one 64-bit key; the distinct
+users of a pair are then runs in those keys once sorted, which scales better than a hash group-by
+with a distinct count (exponent 0.97-1.03 between 10^6 and 10^7 clicks, against 1.07-1.13). At
+10^7 clicks this is about 3.5x faster than the same definition as one DuckDB query, at 1.2 GiB
+peak (benchmarks/coclick.py).
 """
 
 from __future__ import annotations
@@ -52,42 +54,79 @@ def mine_coclick_pairs(clicks: pl.LazyFrame | pl.DataFrame, params: CoclickParam
     ordered = events.collect().sort("user_id", "ts_us", "item_id")
     item_ids = ordered["item_id"].unique().sort()
     ordered = ordered.select(
-        # Users are contiguous after the sort: a run number identifies one in 4 bytes.
+        # Users are contiguous after the sort: a run number (from 1) identifies one in 4 bytes.
         pl.col("user_id").ne_missing(pl.col("user_id").shift()).cum_sum().cast(pl.UInt32).alias("user"),
-        # Dense ranks keep the item order, so `item_a < item_b` holds for the ranks too.
-        (pl.col("item_id").rank("dense").cast(pl.UInt64) - 1).alias("item"),
+        # Positions in the sorted ids keep the item order, so `item_a < item_b` holds for them too.
+        item_ids.search_sorted(ordered["item_id"]).cast(pl.UInt64).alias("item"),
         "ts_us",
     )
+    layout = _KeyLayout.fitting(len(item_ids), ordered["user"].max() or 0)
     max_gap_us = params.max_gap // dt.timedelta(microseconds=1)
-    per_offset = [_pairs_at_offset(ordered.lazy(), k, max_gap_us) for k in range(1, params.window + 1)]
-    supported = (
-        pl.concat(per_offset)
-        .group_by("pair")
-        .agg(pl.col("user").n_unique().cast(pl.UInt32).alias("support"))
-        .filter(pl.col("support") >= params.min_support)
-        .collect(engine="streaming")
-    )
+    keys = pl.concat([_pair_keys_at_offset(ordered.lazy(), k, max_gap_us, layout) for k in range(1, params.window + 1)]).collect()
+    parts = keys.partition_by("part", as_dict=True) if layout.part_bits else {(0,): keys}
+    supported = pl.concat([_supported_pairs(part["key"], part_id, layout, params.min_support) for (part_id,), part in parts.items()])
     return pl.DataFrame(
         {
-            "item_a": item_ids.gather(supported["pair"] // _PAIR_BASE),
-            "item_b": item_ids.gather(supported["pair"] % _PAIR_BASE),
+            "item_a": item_ids.gather(supported["item_a"]),
+            "item_b": item_ids.gather(supported["item_b"]),
             "support": supported["support"],
         },
         schema=PAIR_SCHEMA,
     ).sort("item_a", "item_b")
 
 
-_PAIR_BASE = 1 << 32  # pair key = item_a * base + item_b; ranks are below 2^32
+KEY_BITS = 64
 
 
-def _pairs_at_offset(ordered: pl.LazyFrame, k: int, max_gap_us: int) -> pl.LazyFrame:
-    """(user, pair key) for each click and the user's k-th next click."""
+@dataclass(frozen=True)
+class _KeyLayout:
+    """How (item_a, item_b, user) packs into one unsigned key of KEY_BITS bits, item_a highest.
+
+    One integer key sorts several times faster than a multi-column sort or a hash group-by with a
+    distinct count, and once sorted, distinct users per pair are runs. When the three do not fit,
+    the top `part_bits` of item_a pick a partition instead, and each partition is sorted on its own."""
+
+    item_bits: int
+    user_bits: int
+    part_bits: int
+
+    @classmethod
+    def fitting(cls, items: int, max_user: int) -> "_KeyLayout":
+        item_bits, user_bits = max(1, (items - 1).bit_length()), max(1, int(max_user).bit_length())
+        return cls(item_bits, user_bits, max(0, 2 * item_bits + user_bits - KEY_BITS))
+
+    @property
+    def low_a_bits(self) -> int:
+        return self.item_bits - self.part_bits
+
+
+def _pair_keys_at_offset(ordered: pl.LazyFrame, k: int, max_gap_us: int, layout: _KeyLayout) -> pl.LazyFrame:
+    """The key (and partition) of each click paired with the same user's k-th next click."""
     later_item = pl.col("item").shift(-k)
     same_user = pl.col("user").shift(-k) == pl.col("user")
     within_gap = pl.col("ts_us").shift(-k) - pl.col("ts_us") <= max_gap_us
-    pair = pl.min_horizontal("item", later_item) * _PAIR_BASE + pl.max_horizontal("item", later_item)
+    item_a, item_b = pl.min_horizontal("item", later_item), pl.max_horizontal("item", later_item)
+    low_a = item_a % (1 << layout.low_a_bits)
+    key = (low_a * (1 << layout.item_bits) + item_b) * (1 << layout.user_bits) + pl.col("user")
     return (
-        ordered.select("user", pair.alias("pair"), (same_user & within_gap & (later_item != pl.col("item"))).alias("keep"))
+        ordered.select(
+            key.alias("key"), (item_a // (1 << layout.low_a_bits)).alias("part"),
+            (same_user & within_gap & (later_item != pl.col("item"))).alias("keep"),
+        )
         .filter("keep")
         .drop("keep")
+    )
+
+
+def _supported_pairs(keys: pl.Series, part: int, layout: _KeyLayout, min_support: int) -> pl.DataFrame:
+    """(item_a, item_b, support) from one partition's keys: sorted, the first of each run is one
+    distinct (pair, user), and the runs of a pair among those count its users."""
+    keys = keys.sort()
+    distinct = keys.filter(keys.ne_missing(keys.shift()))
+    runs = (distinct // (1 << layout.user_bits)).rle().struct.unnest().filter(pl.col("len") >= min_support)
+    pair = pl.col("value")
+    return runs.select(
+        (pair // (1 << layout.item_bits) + part * (1 << layout.low_a_bits)).alias("item_a"),
+        (pair % (1 << layout.item_bits)).alias("item_b"),
+        pl.col("len").cast(pl.UInt32).alias("support"),
     )
