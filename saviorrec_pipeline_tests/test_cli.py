@@ -58,6 +58,3 @@ def test_demo_command_generates_runs_the_chain_and_summarises(tmp_path):
     assert "AUC (%) by item-PV bucket" in out.stdout and "| saviorrec |" in out.stdout
     assert "base64" not in out.stdout  # the chart stays in the UI
     assert (tmp_path / "home" / "storage" / "coclick_pairs" / f"{LAST_DAY}.parquet").exists()
-    # A second run reuses the generated data and replaces the output.
-    again = _run([executable("saviorrec"), "demo", "--start-date", START.isoformat(), *SIZE], env, tmp_path)
-    assert "generating demo data" not in again.stdout

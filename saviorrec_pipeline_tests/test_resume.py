@@ -217,7 +217,7 @@ def _encoder_weights(home: Path) -> dict[str, torch.Tensor]:
 def test_a_killed_materialization_resumes_from_its_last_checkpoint(demo_raw, tmp_path):
     """The encoder stage as users run it (the Dagster CLI), its process killed mid-training; the
     retried run resumes and registers weights identical to those of an uninterrupted run."""
-    config = {"epochs": 6, "batch_size": 64, "domain_adaptation_epochs": 1}
+    config = {"epochs": 4, "batch_size": 64, "domain_adaptation_epochs": 1}
     start = dt.date.fromisoformat(EVAL_DAY) - dt.timedelta(days=SPEC.days - 1)
     homes = {name: tmp_path / name for name in ("uninterrupted", "killed")}
     envs = {}
