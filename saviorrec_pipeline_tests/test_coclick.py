@@ -72,7 +72,6 @@ def test_matches_brute_force_on_random_logs(seed, params):
     assert mined(clicks, params) == expected
 
 
-
 @pytest.mark.parametrize("key_bits", [16, 13])
 def test_pairs_whose_keys_do_not_fit_are_mined_in_partitions_with_the_same_result(monkeypatch, key_bits):
     """40 items and 60 users need 6 + 6 + 6 bits per (item_a, item_b, user) key: narrower keys make
@@ -81,6 +80,7 @@ def test_pairs_whose_keys_do_not_fit_are_mined_in_partitions_with_the_same_resul
     expected = brute_force(clicks, CoclickParams(min_support=1))
     monkeypatch.setattr(coclick, "KEY_BITS", key_bits)
     assert mined(clicks, CoclickParams(min_support=1)) == expected
+
 
 def test_window_boundary_counts_the_kth_next_click_but_not_the_next_one():
     # user 1 clicks items 10, 11, 12, 13 one minute apart; with window=2, 10 pairs with 11 and 12 only.
