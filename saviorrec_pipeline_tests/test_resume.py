@@ -199,11 +199,9 @@ def _materialize_encoder(home: Path, config: dict) -> list[str]:
 
 
 def _saved_epoch(folder: Path) -> tuple[str, int] | None:
-    for path in folder.glob("*.safetensors") if folder.exists() else []:
-        try:
-            saved = Checkpoint.from_bytes(path.read_bytes())
-        except (OSError, ValueError):
-            continue  # replaced while being read
+    # Names starting with "." are temporaries of the atomic write, one possibly cut short by the kill.
+    for path in folder.glob("[!.]*.safetensors") if folder.exists() else []:
+        saved = Checkpoint.from_bytes(path.read_bytes())
         return saved.phase, saved.epochs_done
     return None
 
