@@ -25,7 +25,7 @@ class ItemIndex:
     """Dense item numbers 0..n-1 in catalog order (the rows of the item tables)."""
 
     def __init__(self, item_ids: np.ndarray):
-        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self.item_ids = np.array(item_ids, dtype=np.int64)  # a copy: Polars' ids are read-only, and torch takes these
         self._order = np.argsort(self.item_ids, kind="stable")
         self._sorted = self.item_ids[self._order]
 
