@@ -224,7 +224,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     from saviorrec_pipeline.assets.auc_report import auc_report
     from saviorrec_pipeline.assets.ctr_model import ctr_model, load_ctr_model
     from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
-    from saviorrec_pipeline.assets.semantic_ids import load_rqvae, semantic_ids
+    from saviorrec_pipeline.assets.semantic_ids import embedding_matrix, load_rqvae, semantic_ids
     from saviorrec_pipeline.method.ctr_training import ItemIndex, encode_rows, predict
     from saviorrec_pipeline.method.rqvae import assign_codes
 
@@ -245,7 +245,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     assert table["reconstruction_error"].is_finite().all()
 
     model, saved = load_rqvae(table["rqvae_model_uri"][0], resources["tracking"])
-    z = torch.from_numpy(embeddings["embedding"].to_numpy())
+    z = torch.from_numpy(embedding_matrix(embeddings))
     again, _ = assign_codes(model, z, saved["inference_assignment"], CPU, batch_size=128)
     np.testing.assert_array_equal(again, codes)
 
