@@ -225,8 +225,41 @@ def test_refuses_a_non_empty_output_directory_and_leaves_it_alone(tmp_path):
         ({"topics": 10, "topic_groups": 4}, "split evenly"),
         ({"impressions_per_active_day": 0.5}, "impressions_per_active_day"),
         ({"missing_image_rate": 1.0}, "missing_image_rate"),
+        ({"modalities": "video"}, "modalities must be one of"),
+        ({"activity": 0.7}, "activity must be in"),
     ],
 )
 def test_invalid_specs_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         DemoSpec(**changes)
+
+
+def test_other_shapes_stay_inside_the_contract(tmp_path):
+    small = dict(start_date=dt.date(2025, 7, 1), days=4, users=150, items=200, seed=2)
+    shapes = {
+        "text": DemoSpec(**small, modalities="text", base_pctr=False, profile="numeric"),
+        "image": DemoSpec(**small, modalities="image", click_bias=-2.5, activity=0.2),
+    }
+    reads = {}
+    for name, spec in shapes.items():
+        generate_demo(tmp_path / name, spec)
+        store = RawStore(root=str(tmp_path / name))
+        items, users = store.inspect_items(), store.inspect_users()
+        days = [store.inspect_impressions(d) for d in DAYS[: spec.days]]
+        assert items.violations == [] and users.violations == [] and all(d.violations == [] for d in days)
+        reads[name] = (items.frame, users.frame, pl.concat(d.frame for d in days))
+
+    items, users, impressions = reads["text"]
+    assert "image" not in items.columns and items["title"].null_count() == 0
+    assert "base_pctr" not in impressions.columns
+    assert users.columns == ["user_id", "age", "region_code", "device_code"]
+    assert all(dtype == pl.Int64 for dtype in users.dtypes) and 18 <= users["age"].min() <= users["age"].max() < 68
+
+    items, users, impressions = reads["image"]
+    assert items["title"].null_count() == items.height and items["image"].null_count() == 0
+    assert users.columns == ["user_id", "age_band", "region", "device"]
+    # A higher click intercept raises the CTR well above the default's 3-10%; lower activity
+    # leaves fewer impressions per user and day.
+    assert impressions["clicked"].mean() > 0.2
+    text_rows = reads["text"][2]
+    assert impressions.height < 0.6 * text_rows.height

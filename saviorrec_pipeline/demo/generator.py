@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -107,6 +107,12 @@ class DemoSpec:
     image_size: int = 32
     missing_image_rate: float = 0.05
     missing_title_rate: float = 0.02  # among items that have an image, so no item lacks both
+    # Shapes unlike the default, all inside the raw contract:
+    modalities: Literal["both", "text", "image"] = "both"  # text: no `image` column; image: every title null
+    base_pctr: bool = True  # False: impressions without the optional `base_pctr` column
+    profile: Literal["categorical", "numeric"] = "categorical"  # numeric: int64 profile columns
+    click_bias: float = CLICK_BIAS  # the click logit's intercept: -5 gives a CTR of about 8%
+    activity: float = 0.5  # mean probability that a user is active on a day
 
     def __post_init__(self) -> None:
         for name in ("days", "users", "items", "topics", "topic_groups", "image_size"):
@@ -122,6 +128,8 @@ class DemoSpec:
             raise ValueError(f"topics ({self.topics}) must split evenly into topic_groups ({self.topic_groups})")
         if self.impressions_per_active_day < 1:
             raise ValueError(f"impressions_per_active_day must be >= 1, got {self.impressions_per_active_day}")
+        if not 0 < self.activity <= 0.5:
+            raise ValueError(f"activity must be in (0, 0.5], got {self.activity}")
         if not 0 < self.initial_catalog_fraction <= 1:
             raise ValueError(f"initial_catalog_fraction must be in (0, 1], got {self.initial_catalog_fraction}")
         if self.zipf_exponent < 0:
@@ -129,6 +137,9 @@ class DemoSpec:
         for name in ("missing_image_rate", "missing_title_rate"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name, allowed in (("modalities", ("both", "text", "image")), ("profile", ("categorical", "numeric"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
     @property
     def n_users(self) -> int:
@@ -206,7 +217,7 @@ def generate_demo(out: str | Path, spec: DemoSpec) -> DemoSummary:
     try:
         world_seed, users_seed, items_seed, *day_seeds = np.random.SeedSequence(spec.seed).spawn(3 + spec.days)
         world = _make_world(spec, np.random.default_rng(world_seed))
-        _write_users(building / "users" / "part-0.parquet", world, np.random.default_rng(users_seed))
+        _write_users(building / "users" / "part-0.parquet", spec, world, np.random.default_rng(users_seed))
         _write_items(building / "items" / "part-0.parquet", spec, world, np.random.default_rng(items_seed))
         _write_ground_truth(building / "ground_truth", world)
         impressions = clicks = 0
@@ -263,7 +274,7 @@ def _make_world(spec: DemoSpec, rng: np.random.Generator) -> _World:
         user_second_group=second,
         user_affinity=affinity,
         user_propensity=rng.normal(0.0, PROPENSITY_SD, n_users),
-        user_activity=rng.beta(2.0, 2.0, n_users),
+        user_activity=rng.beta(2.0, 2.0, n_users) * (spec.activity / 0.5),
         user_heaviness=heaviness / heaviness.mean(),
     )
 
@@ -276,9 +287,11 @@ def _day_start_us(day: dt.date) -> int:
 # Users and ground truth
 
 
-def _write_users(path: Path, world: _World, rng: np.random.Generator) -> None:
+def _write_users(path: Path, spec: DemoSpec, world: _World, rng: np.random.Generator) -> None:
     """Profile columns weakly tied to preferences: age band and region follow the preferred
-    groups for PROFILE_SIGNAL of users, the device follows click propensity."""
+    groups for PROFILE_SIGNAL of users, the device follows click propensity. A numeric profile
+    holds the same information as int64 columns: an age in years within the band, a two-digit
+    region code and a device code."""
     n = len(world.user_first_group)
     follows = rng.random((2, n)) < PROFILE_SIGNAL
     age = np.where(follows[0], world.user_first_group % len(AGE_BANDS), rng.integers(0, len(AGE_BANDS), n))
@@ -286,13 +299,19 @@ def _write_users(path: Path, world: _World, rng: np.random.Generator) -> None:
     region = np.where(follows[1], second_or_first % len(REGIONS), rng.integers(0, len(REGIONS), n))
     app_share = _sigmoid(world.user_propensity / PROPENSITY_SD)
     device = np.where(rng.random(n) < app_share, 0, rng.integers(1, len(DEVICES), n))
-    table = pa.table({
-        "user_id": pa.array(np.arange(1, n + 1), pa.int64()),
-        "age_band": pa.array(np.asarray(AGE_BANDS)[age], pa.string()),
-        "region": pa.array(np.asarray(REGIONS)[region], pa.string()),
-        "device": pa.array(np.asarray(DEVICES)[device], pa.string()),
-    })
-    _write_table(table, path)
+    if spec.profile == "numeric":
+        columns = {
+            "age": pa.array(18 + 10 * age + rng.integers(0, 10, n), pa.int64()),
+            "region_code": pa.array(10 * region + rng.integers(0, 10, n), pa.int64()),
+            "device_code": pa.array(device, pa.int64()),
+        }
+    else:
+        columns = {
+            "age_band": pa.array(np.asarray(AGE_BANDS)[age], pa.string()),
+            "region": pa.array(np.asarray(REGIONS)[region], pa.string()),
+            "device": pa.array(np.asarray(DEVICES)[device], pa.string()),
+        }
+    _write_table(pa.table({"user_id": pa.array(np.arange(1, n + 1), pa.int64()), **columns}), path)
 
 
 def _write_ground_truth(folder: Path, world: _World) -> None:
@@ -331,6 +350,8 @@ def _write_items(path: Path, spec: DemoSpec, world: _World, rng: np.random.Gener
         ("item_id", pa.int64()), ("title", pa.string()), ("image", pa.binary()),
         ("created_at", UTC_US), ("category", pa.string()),
     ])
+    if spec.modalities == "text":
+        schema = schema.remove(schema.get_field_index("image"))
     path.parent.mkdir(parents=True, exist_ok=True)
     with pq.ParquetWriter(path, schema, **PARQUET_OPTIONS) as writer:
         for lo in range(0, spec.n_items, ITEM_CHUNK):
@@ -338,15 +359,20 @@ def _write_items(path: Path, spec: DemoSpec, world: _World, rng: np.random.Gener
             topic = world.item_topic[lo:hi]
             no_image = rng.random(hi - lo) < spec.missing_image_rate
             no_title = ~no_image & (rng.random(hi - lo) < spec.missing_title_rate)
+            if spec.modalities == "text":
+                no_title[:] = False
+            elif spec.modalities == "image":
+                no_image[:], no_title[:] = False, True
             titles = _titles(topic, vocabulary, rng)
-            images = _images(topic, palettes, spec.image_size, rng)
-            chunk = pa.table({
+            images = _images(topic, palettes, spec.image_size, rng) if spec.modalities != "text" else [None] * (hi - lo)
+            columns = {
                 "item_id": pa.array(np.arange(lo + 1, hi + 1), pa.int64()),
                 "title": pa.array([None if skip else t for t, skip in zip(titles, no_title)], pa.string()),
                 "image": pa.array([None if skip else png for png, skip in zip(images, no_image)], pa.binary()),
                 "created_at": pa.array(world.item_created_us[lo:hi], UTC_US),
                 "category": pa.array(categories[topic], pa.string()),
-            }, schema=schema)
+            }
+            chunk = pa.table({name: columns[name] for name in schema.names}, schema=schema)
             writer.write_table(chunk, row_group_size=ITEM_CHUNK)
 
 
@@ -493,13 +519,14 @@ def _images(topic: np.ndarray, palettes: np.ndarray, size: int, rng: np.random.G
 
 def _day_impressions(day: dt.date, spec: DemoSpec, world: _World, rng: np.random.Generator) -> pa.Table:
     users, ts, request_id = _sessions(day, spec, world, rng)
+    schema = IMPRESSION_SCHEMA if spec.base_pctr else IMPRESSION_SCHEMA.remove(IMPRESSION_SCHEMA.get_field_index("base_pctr"))
     if not len(users):  # tiny specs can have a day on which no one is active
-        return IMPRESSION_SCHEMA.empty_table()
+        return schema.empty_table()
     items = _pick_items(users, ts, world, rng)
 
     known = world.item_quality[items] + world.user_propensity[users]
     group_affinity = world.user_affinity[users, world.item_group[items]]
-    click_p = _sigmoid(CLICK_BIAS + AFFINITY_WEIGHT * group_affinity + known + rng.normal(0.0, CLICK_NOISE, len(users)))
+    click_p = _sigmoid(spec.click_bias + AFFINITY_WEIGHT * group_affinity + known + rng.normal(0.0, CLICK_NOISE, len(users)))
     clicked = rng.random(len(users)) < click_p
     base_logit = _calibrated(known + rng.normal(0.0, BASE_PCTR_NOISE, len(users)), click_p.mean())
 
@@ -508,14 +535,15 @@ def _day_impressions(day: dt.date, spec: DemoSpec, world: _World, rng: np.random
     # Two sessions of a user may overlap; an identical (user, item, ts) would be a duplicate.
     keep = np.ones(len(order), dtype=bool)
     keep[1:] = (ts[1:] != ts[:-1]) | (users[1:] != users[:-1]) | (items[1:] != items[:-1])
-    return pa.table({
+    columns = {
         "user_id": users[keep] + 1,
         "item_id": items[keep] + 1,
         "ts": ts[keep],
         "clicked": clicked[order][keep],
         "base_pctr": _sigmoid(base_logit[order][keep]),
         "request_id": request_id[order][keep],
-    }, schema=IMPRESSION_SCHEMA)
+    }
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
 def _sessions(
