@@ -1,4 +1,4 @@
-"""The raw input contract (DESIGN.md, "Raw input contract") as data and pure checks.
+"""The raw input contract as data and pure checks.
 
 A check never raises on bad data: it returns `Violation`s, so the raw assets can show each rule
 as a Dagster asset check, and readers can refuse the input with every problem named at once.
@@ -7,11 +7,14 @@ as a Dagster asset check, and readers can refuse the input with every problem na
 from __future__ import annotations
 
 import datetime as dt
+import io
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import polars as pl
 import pyarrow as pa
+from PIL import Image
 
 TypeTest = Callable[[pa.DataType], bool]
 
@@ -104,9 +107,19 @@ RULE_CLICKED_DOMAIN = "clicked_domain"
 RULE_ROWS_ON_DAY = "rows_on_day"
 RULE_UNIQUE_IDS = "unique_ids"
 RULE_IMAGE_OR_TITLE = "image_or_title"
+RULE_IMAGE_DECODABLE = "image_decodable"
 IMPRESSION_RULES = (RULE_READABLE, RULE_SCHEMA, RULE_NULL_IDS, RULE_CLICKED_DOMAIN, RULE_ROWS_ON_DAY)
 PROFILE_RULES = (RULE_READABLE, RULE_SCHEMA, RULE_NULL_IDS, RULE_UNIQUE_IDS)
-ITEM_RULES = PROFILE_RULES + (RULE_IMAGE_OR_TITLE,)
+ITEM_RULES = PROFILE_RULES + (RULE_IMAGE_OR_TITLE, RULE_IMAGE_DECODABLE)
+
+IMAGE_FORMATS = ("PNG", "JPEG")
+# Larger images are refused before their pixels are decoded: a few kilobytes of PNG can declare
+# gigapixels (a decompression bomb), and the encoder shrinks every image to its tower's size anyway.
+MAX_IMAGE_SIDE = 4096
+UNDECODABLE = f"do not decode as {' or '.join(IMAGE_FORMATS)}"
+OVERSIZED = f"are larger than {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE} pixels"
+# Item ids an error message lists; past this it says how many more there are.
+LISTED_IDS = 50
 
 
 @dataclass(frozen=True)
@@ -180,9 +193,52 @@ def _example(values: pl.Series) -> str:
     return ", ".join(str(v) for v in values.head(3).to_list())
 
 
+def _listed(ids: list) -> str:
+    more = f" and {len(ids) - LISTED_IDS} more" if len(ids) > LISTED_IDS else ""
+    return ", ".join(str(i) for i in ids[:LISTED_IDS]) + more
+
+
+def image_problem(data: bytes) -> tuple[str, str] | None:
+    """Why an encoded image cannot go to the encoder, as (UNDECODABLE or OVERSIZED, detail), or
+    None when it decodes as PNG or JPEG with no side over MAX_IMAGE_SIDE. The size is read from
+    the header first, so an oversized image is never decoded."""
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as picture:
+            width, height = picture.size
+            if max(width, height) > MAX_IMAGE_SIDE:
+                return OVERSIZED, f"{width}x{height}"
+            picture.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # Pillow's own limit, far above ours
+        return OVERSIZED, "a decompression bomb"
+    except Exception:  # any decoder failure: not an image, another format, truncated or corrupt data
+        return UNDECODABLE, ""
+    return None
+
+
+def image_violations(df: pl.DataFrame, file: str) -> list[Violation]:
+    """One violation per kind of bad image, naming every item of that kind."""
+    if "image" not in df.columns:
+        return []
+    found: dict[str, list[str]] = {}
+    with warnings.catch_warnings():
+        # Pillow warns of a bomb below the size at which it refuses one: ours refuses it anyway,
+        # naming its size.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for item, data in df.filter(has_image(df)).select("item_id", "image").iter_rows():
+            problem = image_problem(data)
+            if problem is not None:
+                kind, detail = problem
+                found.setdefault(kind, []).append(f"{item} ({detail})" if detail else str(item))
+    return [
+        Violation(RULE_IMAGE_DECODABLE, file, "image", f"{len(items)} image(s) that {kind}: item_id {_listed(items)}")
+        for kind, items in found.items()
+    ]
+
+
 def value_violations(spec: TableSpec, df: pl.DataFrame, file: str) -> list[Violation]:
     """Checks on normalised rows that do not depend on the partition: null ids, clicked domain,
-    and an image or a title for every item (an item with neither has nothing to embed)."""
+    an image or a title for every item (an item with neither has nothing to embed), and every
+    image decodable within the size limit."""
     violations = []
     for name in spec.id_columns:
         nulls = df[name].null_count()
@@ -203,6 +259,7 @@ def value_violations(spec: TableSpec, df: pl.DataFrame, file: str) -> list[Viola
                     f"{bare.len()} item(s) with neither a title nor an image, e.g. item_id {_example(bare)}",
                 )
             )
+        violations += image_violations(df, file)
     return violations
 
 

@@ -7,6 +7,8 @@ the good outputs again."""
 import datetime as dt
 import io
 import shutil
+import struct
+import zlib
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -18,6 +20,7 @@ from PIL import Image
 from saviorrec_pipeline.assets.coclick import coclick_pairs
 from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
 from saviorrec_pipeline.assets.raw import impressions, item_catalog, user_profiles
+from saviorrec_pipeline.contract import ITEMS, OVERSIZED, RULE_IMAGE_DECODABLE, image_problem, value_violations
 from saviorrec_pipeline.method.coclick import CoclickParams
 from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.resources.raw import RawStore
@@ -45,6 +48,22 @@ def _png() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (2, 2), (200, 40, 40)).save(out, format="PNG")
     return out.getvalue()
+
+
+def _encoded(picture: Image.Image, image_format: str, **options) -> bytes:
+    out = io.BytesIO()
+    picture.save(out, format=image_format, **options)
+    return out.getvalue()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A 60-byte PNG whose header declares `width` x `height` pixels: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _write(frame: pl.DataFrame, path: Path) -> None:
@@ -191,6 +210,14 @@ def _only_a_marker(path: Path) -> None:
     (path.parent / "_SUCCESS").write_bytes(b"")
 
 
+def _images_that_are_not_images(path: Path) -> None:
+    """Items 10, 20 and 30 (rows 0, 2, 3): bytes that are no image, a PNG cut in half, a GIF."""
+    png = _encoded(Image.effect_noise((64, 64), 40).convert("RGB"), "PNG")
+    gif = _encoded(Image.new("RGB", (8, 8)), "GIF")
+    for row, data in ((0, b"not an image"), (2, png[: len(png) // 2]), (3, gif)):
+        _set(path, "image", row, data, pl.Binary)
+
+
 class Refused(NamedTuple):
     target: Callable[[Path], Path]  # the file broken, given the raw root
     corrupt: Callable[[Path], None]
@@ -221,6 +248,8 @@ REFUSED: dict[str, Refused] = {
     # Item 31 has no image; with its title gone (null or blank) there is nothing to embed it from.
     "item without image and title": Refused(_items_file, lambda p: _set(p, "title", 4, None, pl.String), "item_catalog", "title", "1 item(s) with neither a title nor an image, e.g. item_id 31"),
     "item with blank title and no image": Refused(_items_file, lambda p: _set(p, "title", 4, "  ", pl.String), "item_catalog", "title", "1 item(s) with neither a title nor an image, e.g. item_id 31"),
+    "images that do not decode": Refused(_items_file, _images_that_are_not_images, "item_catalog", "image", "3 image(s) that do not decode as PNG or JPEG: item_id 10, 20, 30"),
+    "decompression bomb image": Refused(_items_file, lambda p: _set(p, "image", 5, _png_declaring(20_000, 20_000), pl.Binary), "item_catalog", "image", "1 image(s) that are larger than 4096x4096 pixels: item_id 32 (a decompression bomb)"),
     "user profile with null id": Refused(lambda r: r / "users" / "part-0.parquet", lambda p: _set_first(p, "user_id", None, pl.Int64), "user_profiles", "user_id", "1 null id(s)"),
 }
 
@@ -252,13 +281,35 @@ def test_bad_input_is_refused_by_name_keeps_earlier_outputs_and_reruns_once_fixe
 def test_failed_rules_show_as_asset_checks(raw_root, tmp_path):
     _set_first(_day_file(raw_root, EVAL_DAY), "user_id", None, pl.Int64)
     _set(_items_file(raw_root), "title", 4, None, pl.String)
+    _set(_items_file(raw_root), "image", 0, b"not an image", pl.Binary)
     result = _materialize(raw_root, ParquetStorage(root=str(tmp_path / "storage")))
     outcomes = {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
     assert outcomes[("impressions", "null_ids")] is False
     assert outcomes[("impressions", "schema")] and outcomes[("impressions", "clicked_domain")] and outcomes[("impressions", "rows_on_day")]
     assert outcomes[("item_catalog", "image_or_title")] is False
+    assert outcomes[("item_catalog", "image_decodable")] is False
     assert outcomes[("item_catalog", "unique_ids")] is True
     assert ("user_profiles", "image_or_title") not in outcomes
+
+
+def test_images_over_the_size_limit_are_refused_from_their_header():
+    """The limit is 4096 pixels a side, checked before any pixel is decoded; a bomb past Pillow's
+    own limit is refused as one."""
+    at_limit = _encoded(Image.new("1", (4096, 4096)), "PNG")
+    over = _encoded(Image.new("1", (5000, 40)), "PNG")
+    jpeg = _encoded(Image.new("RGB", (4096, 16)), "JPEG")
+    assert image_problem(at_limit) is None and image_problem(jpeg) is None
+    assert image_problem(over) == (OVERSIZED, "5000x40")
+    assert image_problem(_png_declaring(4097, 4097)) == (OVERSIZED, "4097x4097")
+    assert image_problem(_png_declaring(20_000, 20_000)) == (OVERSIZED, "a decompression bomb")
+
+
+def test_every_bad_image_is_named_up_to_fifty_ids_and_a_count_of_the_rest():
+    items = pl.DataFrame({"item_id": range(100, 160), "title": "t", "image": [_png()] * 5 + [b"junk"] * 55})
+    [violation] = value_violations(ITEMS, items, "items/part-0.parquet")
+    assert (violation.rule, violation.file, violation.column) == (RULE_IMAGE_DECODABLE, "items/part-0.parquet", "image")
+    listed = ", ".join(str(item) for item in range(105, 155))
+    assert violation.problem == f"55 image(s) that do not decode as PNG or JPEG: item_id {listed} and 5 more"
 
 
 # ---- input the contract tolerates: the documented result, counted in metadata -------------------
