@@ -135,12 +135,13 @@ class Violation:
 
 
 class RawContractError(ValueError):
-    """Raw input that breaks the contract; the message names file, column and problem."""
+    """Raw input that breaks the contract; the message names file, column and problem, and ends
+    with `hint` (how to fix it) when there is one."""
 
-    def __init__(self, violations: list[Violation]):
+    def __init__(self, violations: list[Violation], hint: str = ""):
         self.violations = violations
         lines = "\n".join(f"  - {v}" for v in violations)
-        super().__init__(f"raw input breaks the contract ({len(violations)} problem(s)):\n{lines}")
+        super().__init__(f"raw input breaks the contract ({len(violations)} problem(s)):\n{lines}" + (f"\n{hint}" if hint else ""))
 
 
 def schema_violations(spec: TableSpec, schema: pa.Schema, file: str) -> list[Violation]:

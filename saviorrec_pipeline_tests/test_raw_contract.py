@@ -21,6 +21,7 @@ from saviorrec_pipeline.assets.coclick import coclick_pairs
 from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
 from saviorrec_pipeline.assets.raw import impressions, item_catalog, user_profiles
 from saviorrec_pipeline.contract import ITEMS, OVERSIZED, RULE_IMAGE_DECODABLE, image_problem, value_violations
+from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.method.coclick import CoclickParams
 from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.resources.raw import RawStore
@@ -310,6 +311,37 @@ def test_every_bad_image_is_named_up_to_fifty_ids_and_a_count_of_the_rest():
     assert (violation.rule, violation.file, violation.column) == (RULE_IMAGE_DECODABLE, "items/part-0.parquet", "image")
     listed = ", ".join(str(item) for item in range(105, 155))
     assert violation.problem == f"55 image(s) that do not decode as PNG or JPEG: item_id {listed} and 5 more"
+
+
+def test_every_missing_day_of_a_window_is_named_at_once_with_how_to_declare_an_empty_day(tmp_path):
+    """Day folders without data have not landed: the stages that read the window refuse it, each
+    naming every missing day and how to declare a day that had no traffic, and write nothing.
+    Declared as empty files, the same days are read as days with no rows."""
+    raw = tmp_path / "raw"
+    generate_demo(raw, DemoSpec(start_date=DAYS[0], days=len(DAYS), users=150, items=200, seed=5))
+    storage = ParquetStorage(root=str(tmp_path / "storage"))
+    assert _materialize(raw, storage).success
+    before = _outputs(storage)
+    missing = [TRAIN_DAYS[0], TRAIN_DAYS[2]]
+    for day in missing:
+        shutil.rmtree(_day_file(raw, day).parent)
+
+    result = _materialize(raw, storage)
+    failures = _failures(result)
+    assert sorted(failures) == ["coclick_pairs", "ranking_dataset"]
+    for message in failures.values():
+        for day in missing:
+            assert f"{_day_file(raw, day).parent}: file: no Parquet files (*.parquet) found" in message
+        assert f"2 day(s) with no data file: {missing[0]}, {missing[1]}." in message
+        assert "to declare a day with no traffic, write a Parquet file with the impression columns" in message
+        assert "and no rows into impressions/date=YYYY-MM-DD/" in message
+    assert _outputs(storage) == before
+
+    for day in missing:
+        _write(_day_frame(day).head(0), _day_file(raw, day))
+    declared = _materialize(raw, storage)
+    assert declared.success, _failures(declared)
+    assert _metadata(declared, "ranking_dataset")["window"].startswith(f"train {TRAIN_DAYS[0]} ..")
 
 
 # ---- input the contract tolerates: the documented result, counted in metadata -------------------

@@ -35,7 +35,7 @@ def ranking_dataset(
     days = window.training_days(context.partition_key) + window.evaluation_days(context.partition_key)
     eval_start = dt.datetime.combine(window.evaluation_days(context.partition_key)[0], dt.time(), tzinfo=dt.timezone.utc)
     with track_usage() as usage:
-        impressions = pl.concat([raw.read_impressions(day) for day in days], how="diagonal_relaxed")
+        impressions = raw.read_window(days)
         impressions = impressions.select("user_id", "item_id", "ts", "clicked", *(["base_pctr"] if "base_pctr" in impressions.columns else []))
         catalog = raw.inspect_items().checked().select("item_id")
         users = raw.inspect_users().checked()

@@ -15,7 +15,6 @@ from saviorrec_pipeline.contract import (
     IMPRESSION_RULES,
     ITEM_RULES,
     PROFILE_RULES,
-    RawContractError,
     Violation,
     has_image,
     has_title,
@@ -47,8 +46,7 @@ def _rule_results(rules: tuple[str, ...], violations: list[Violation]) -> Iterat
 def _validated(read: RawRead, rules: tuple[str, ...]) -> Iterator[dg.AssetCheckResult]:
     """Yield one result per rule; then refuse the input if any rule is broken."""
     yield from _rule_results(rules, read.violations)
-    if read.violations:
-        raise RawContractError(read.violations)
+    read.checked()
 
 
 def _files_metadata(read: RawRead) -> dict:

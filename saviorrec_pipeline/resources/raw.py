@@ -2,6 +2,7 @@
 
 import datetime as dt
 from dataclasses import dataclass, field
+from typing import Callable
 
 import dagster as dg
 import polars as pl
@@ -27,23 +28,35 @@ from saviorrec_pipeline.resources.storage import filesystem
 
 @dataclass
 class RawRead:
-    """One raw table as read: normalised rows (empty when unusable), what was wrong, and the
-    names of entries in the folder that are not Parquet data files (skipped)."""
+    """One raw table as read: normalised rows (empty when unusable), what was wrong (and how to
+    fix it, when the reader knows), and the names of entries in the folder that are not Parquet
+    data files (skipped)."""
 
     frame: pl.DataFrame
     files: list[str]
     violations: list[Violation] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     duplicates_dropped: int = 0
+    hint: str = ""
 
     def checked(self) -> pl.DataFrame:
         if self.violations:
-            raise RawContractError(self.violations)
+            raise RawContractError(self.violations, self.hint)
         return self.frame
 
 
+def missing_days_hint(days: list[dt.date]) -> str:
+    """What to do about days whose impressions folder holds no data file."""
+    columns = ", ".join(f"{c.name} ({c.expected})" for c in IMPRESSIONS.required)
+    return (
+        f"{len(days)} day(s) with no data file: {', '.join(day.isoformat() for day in days)}. A day that has not "
+        f"landed is refused; to declare a day with no traffic, write a Parquet file with the impression columns "
+        f"[{columns}] and no rows into impressions/date=YYYY-MM-DD/."
+    )
+
+
 class RawStore(dg.ConfigurableResource):
-    """The raw data a user points the pipeline at (DESIGN.md "Raw input contract")."""
+    """The raw data a user points the pipeline at, read and validated by the raw input contract."""
 
     root: str
 
@@ -54,6 +67,8 @@ class RawStore(dg.ConfigurableResource):
         """Every file of one day, validated; duplicate impressions (same user, item, ts) keep
         their first row and are counted."""
         read = self._read_folder(IMPRESSIONS, self.impressions_folder(day), required=True, day=day)
+        if not read.files:
+            read.hint = missing_days_hint([day])
         before = read.frame.height
         read.frame = read.frame.unique(subset=list(IMPRESSION_KEY), keep="first", maintain_order=True)
         read.duplicates_dropped = before - read.frame.height
@@ -80,11 +95,26 @@ class RawStore(dg.ConfigurableResource):
     def read_impressions(self, day: dt.date) -> pl.DataFrame:
         return self.inspect_impressions(day).checked()
 
+    def read_window(
+        self, days: list[dt.date], keep: Callable[[pl.DataFrame], pl.DataFrame] = lambda frame: frame
+    ) -> pl.DataFrame:
+        """The impressions of a window of `days`, each day validated and reduced by `keep` as it is
+        read (so a long window is held only as what is kept of it). A window with days missing is
+        refused before any day is read, with every missing day named in one error."""
+        missing = []
+        for day in days:
+            folder = self.impressions_folder(day)
+            fs, path = filesystem(folder)
+            files, ignored = _listing(fs, path)
+            if not files:
+                missing.append((day, _no_data_files(folder, ignored)))
+        if missing:
+            raise RawContractError([violation for _, violation in missing], missing_days_hint([day for day, _ in missing]))
+        return pl.concat([keep(self.read_impressions(day)) for day in days], how="diagonal_relaxed")
+
     def read_clicks(self, days: list[dt.date]) -> pl.DataFrame:
-        """The click events (`user_id`, `item_id`, `ts`) of `days`, each day validated."""
-        return pl.concat(
-            [self.read_impressions(day).filter(pl.col("clicked") == 1).select("user_id", "item_id", "ts") for day in days]
-        )
+        """The click events (`user_id`, `item_id`, `ts`) of a window of `days`, read as `read_window` does."""
+        return self.read_window(days, lambda frame: frame.filter(pl.col("clicked") == 1).select("user_id", "item_id", "ts"))
 
     def inspect_items(self) -> RawRead:
         return self._read_folder(ITEMS, f"{self.root.rstrip('/')}/items", required=True)
@@ -100,9 +130,7 @@ class RawStore(dg.ConfigurableResource):
         files, ignored = _listing(fs, path)
         empty = pl.DataFrame(schema={c.name: c.cast or pl.Null for c in spec.required})
         if not files:
-            skipped = f" (skipped: {', '.join(ignored)})" if ignored else ""
-            missing = [Violation(RULE_READABLE, folder, None, f"no Parquet files (*.parquet) found{skipped}")]
-            return RawRead(empty, [], missing if required else [], ignored)
+            return RawRead(empty, [], [_no_data_files(folder, ignored)] if required else [], ignored)
         named_frames, violations = [], []
         for file in files:
             name = fs.unstrip_protocol(file)
@@ -118,6 +146,11 @@ class RawStore(dg.ConfigurableResource):
         if violations:
             return RawRead(empty, names, violations, ignored)
         return RawRead(pl.concat([frame for _, frame in named_frames], how="diagonal_relaxed"), names, ignored=ignored)
+
+
+def _no_data_files(folder: str, ignored: list[str]) -> Violation:
+    skipped = f" (skipped: {', '.join(ignored)})" if ignored else ""
+    return Violation(RULE_READABLE, folder, None, f"no Parquet files (*.parquet) found{skipped}")
 
 
 def _listing(fs, path: str) -> tuple[list[str], list[str]]:
