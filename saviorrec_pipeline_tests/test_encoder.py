@@ -74,6 +74,33 @@ def test_alignment_loss_decreases_and_embeddings_are_sound():
     assert same > other + 0.2
 
 
+def _without(catalog: pl.DataFrame, modality: str) -> pl.DataFrame:
+    """The catalog with every image (the column gone) or every title (all null) removed."""
+    return catalog.drop("image") if modality == "image" else catalog.with_columns(pl.lit(None, pl.String).alias("title"))
+
+
+@pytest.mark.parametrize("missing, tower", [("image", "vision"), ("title", "text")])
+def test_a_tower_no_item_of_the_batch_needs_is_not_run_and_changes_nothing(missing, tower):
+    """Items lacking a modality, embedded in a batch where one item has it (the tower runs, their
+    tokens masked out of fusion), get the z they get in a batch of their own (the tower skipped)."""
+    lacking = _without(_planted_catalog(groups=2, per_group=6), missing)
+    complete = _planted_catalog(groups=1, per_group=3).slice(2, 1)  # item 2 has both
+    together = catalog_tensors(pl.concat([lacking, complete], how="diagonal_relaxed"), TINY)
+    alone = catalog_tensors(lacking, TINY)
+    if missing == "image":
+        assert alone.images.shape == (len(alone), 3, 0, 0)  # nothing decoded, no pixels held
+    model = build_model(TINY, seed=0).eval()
+    runs = []
+    getattr(model, tower).register_forward_hook(lambda *_: runs.append(tower))
+    with torch.no_grad():
+        full = model(*together.batch(torch.arange(len(together)), CPU))[: len(alone)]
+        assert runs == [tower]
+        skipped = model(*alone.batch(torch.arange(len(alone)), CPU))
+        assert runs == [tower]
+    torch.testing.assert_close(skipped, full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(skipped[0], skipped[1])  # still embedded from what each item has
+
+
 def test_info_nce_prefers_aligned_pairs_and_ignores_same_item_negatives():
     torch.manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
@@ -282,3 +309,4 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     assert totals["auc"].is_between(0, 1).all()
     metadata = result.asset_materializations_for_node("auc_report")[0].metadata
     assert "data:image/png;base64," in metadata["auc_by_pv_bucket"].value and "| saviorrec |" in metadata["report"].value
+

@@ -113,27 +113,21 @@ class SaviorEnc(nn.Module):
         return self.vision.image_size[0]
 
     def forward(self, images: torch.Tensor, has_image: torch.Tensor, tokens: torch.Tensor, has_title: torch.Tensor) -> torch.Tensor:
-        """z for a batch of items, L2-normalised. Missing images/titles are masked out of fusion."""
-        _, image_tokens = self.vision(images)
-        _, text_tokens = self.text(tokens)
-        batch = images.shape[0]
-        sequence = torch.cat(
-            [
-                self.cls.expand(batch, -1, -1) + self.modality.weight[CLS],
-                self.image_in(image_tokens) + self.modality.weight[IMAGE],
-                self.text_in(text_tokens) + self.modality.weight[TEXT],
-            ],
-            dim=1,
-        )
-        keep = torch.cat(
-            [
-                torch.ones(batch, 1, dtype=torch.bool, device=images.device),
-                has_image[:, None].expand(-1, image_tokens.shape[1]),
-                (tokens[:, : text_tokens.shape[1]] != self.text_pad_id) & has_title[:, None],
-            ],
-            dim=1,
-        )
-        fused = self.fusion_norm(self.fusion(sequence, src_key_padding_mask=~keep))
+        """z for a batch of items, L2-normalised. Missing images/titles are masked out of fusion, so
+        a tower that no item of the batch needs is not run and its tokens are left out: the result
+        is the same, and `images` may then hold no pixels at all."""
+        batch = has_image.shape[0]
+        sequence = [self.cls.expand(batch, -1, -1) + self.modality.weight[CLS]]
+        keep = [torch.ones(batch, 1, dtype=torch.bool, device=has_image.device)]
+        if has_image.any():
+            _, image_tokens = self.vision(images)
+            sequence.append(self.image_in(image_tokens) + self.modality.weight[IMAGE])
+            keep.append(has_image[:, None].expand(-1, image_tokens.shape[1]))
+        if has_title.any():
+            _, text_tokens = self.text(tokens)
+            sequence.append(self.text_in(text_tokens) + self.modality.weight[TEXT])
+            keep.append((tokens[:, : text_tokens.shape[1]] != self.text_pad_id) & has_title[:, None])
+        fused = self.fusion_norm(self.fusion(torch.cat(sequence, dim=1), src_key_padding_mask=~torch.cat(keep, dim=1)))
         return F.normalize(self.proj(fused[:, 0]), dim=-1)
 
     def tower_embeddings(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,7 +58,7 @@ class CatalogTensors:
     """Every catalog item as model input: images resized to the tower's size, titles tokenised."""
 
     item_ids: np.ndarray
-    images: torch.Tensor  # uint8, (items, 3, size, size); zeros where missing
+    images: torch.Tensor  # uint8, (items, 3, size, size); zeros where missing, (items, 3, 0, 0) when all are
     has_image: torch.Tensor  # bool
     tokens: torch.Tensor  # int64, (items, context length)
     has_title: torch.Tensor  # bool
@@ -81,16 +81,15 @@ def tokenizer_for(config: EncoderConfig):
 
 
 def catalog_tensors(catalog: pl.DataFrame, config: EncoderConfig) -> CatalogTensors:
-    """Decode and resize images, tokenise titles. Items without them get masked placeholders."""
-    size = config.vision.get("image_size", 224)
-    images = np.zeros((catalog.height, 3, size, size), dtype=np.uint8)
-    has_image = np.zeros(catalog.height, dtype=bool)
+    """Decode and resize images, tokenise titles. Items without them get masked placeholders; a
+    catalog without any image gets no pixels at all (the encoder then never runs its vision tower)."""
     encoded = catalog["image"].to_list() if "image" in catalog.columns else [None] * catalog.height
-    for row, data in enumerate(encoded):
-        if data:
-            picture = Image.open(io.BytesIO(data)).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-            images[row] = np.asarray(picture).transpose(2, 0, 1)
-            has_image[row] = True
+    has_image = np.array([bool(data) for data in encoded], dtype=bool)
+    size = config.vision.get("image_size", 224) if has_image.any() else 0
+    images = np.zeros((catalog.height, 3, size, size), dtype=np.uint8)
+    for row in np.flatnonzero(has_image):
+        picture = Image.open(io.BytesIO(encoded[row])).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        images[row] = np.asarray(picture).transpose(2, 0, 1)
     titles = catalog["title"].fill_null("").to_list()
     return CatalogTensors(
         item_ids=catalog["item_id"].to_numpy(),
