@@ -1,7 +1,9 @@
 """SaviorEnc: learning on planted pairs, embeddings, the Dagster chain with MLflow, bad input."""
 
+import dataclasses
 import datetime as dt
 import io
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -18,11 +20,14 @@ from saviorrec_pipeline.assets.raw import impressions
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.method.encoder import PRESETS, info_nce
 from saviorrec_pipeline.method.encoder_training import (
+    TRAIN_PRESETS,
     TrainConfig,
+    applicable_training,
     build_model,
     catalog_tensors,
     embed_catalog,
     train_alignment,
+    train_domain_adaptation,
 )
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
 from saviorrec_pipeline.partitions import TrainEvalWindow
@@ -99,6 +104,31 @@ def test_a_tower_no_item_of_the_batch_needs_is_not_run_and_changes_nothing(missi
         assert runs == [tower]
     torch.testing.assert_close(skipped, full, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(skipped[0], skipped[1])  # still embedded from what each item has
+
+
+def test_domain_adaptation_is_skipped_with_a_reason_when_the_catalog_gives_it_nothing():
+    training = TRAIN_PRESETS["tiny"]
+    planted = _planted_catalog()
+    assert applicable_training(training, catalog_tensors(planted, TINY)) == (training, None)
+    unpaired = planted.with_columns(  # images on even items, titles on odd ones
+        pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.col("image")).alias("image"),
+        pl.when(pl.int_range(pl.len()) % 2 == 1).then(pl.lit("a title")).alias("title"),
+    )
+    one_pair = unpaired.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("a title")).otherwise(pl.col("title")).alias("title"))
+    reasons = {
+        "no image": (_without(planted, "image"), "no catalog item has an image"),
+        "no title": (_without(planted, "title"), "no catalog item has a title"),
+        "never both": (unpaired, "no catalog item has both an image and a title (CLIP's loss needs two)"),
+        "both once": (one_pair, "only one catalog item has both an image and a title (CLIP's loss needs two)"),
+    }
+    for case, (catalog, reason) in reasons.items():
+        tensors = catalog_tensors(catalog, TINY)
+        assert applicable_training(training, tensors) == (dataclasses.replace(training, domain_adaptation_epochs=0), reason), case
+        with pytest.raises(ValueError, match=re.escape(f"domain adaptation cannot run: {reason}")):
+            train_domain_adaptation(build_model(TINY, seed=0), tensors, training, CPU)
+    # Switched off, the phase has no reason to be skipped.
+    off = TrainConfig(domain_adaptation_epochs=0)
+    assert applicable_training(off, catalog_tensors(_without(planted, "image"), TINY)) == (off, None)
 
 
 def test_info_nce_prefers_aligned_pairs_and_ignores_same_item_negatives():
@@ -310,3 +340,55 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     metadata = result.asset_materializations_for_node("auc_report")[0].metadata
     assert "data:image/png;base64," in metadata["auc_by_pv_bucket"].value and "| saviorrec |" in metadata["report"].value
 
+
+@pytest.mark.parametrize("modalities, reason", [("text", "no catalog item has an image"), ("image", "no catalog item has a title")])
+def test_whole_chain_at_default_encoder_settings_on_a_catalog_with_one_modality(modalities, reason, tmp_path):
+    """A text-only catalog (no `image` column) or an image-only one (every title null) is inside the
+    raw contract: the chain runs with item_encoder's defaults, its domain adaptation skipped for the
+    reason shown, and the Table 4 rows that need it say they do not apply."""
+    from saviorrec_pipeline.definitions import all_assets
+
+    raw = tmp_path / "raw"
+    generate_demo(raw, dataclasses.replace(SPEC, modalities=modalities))
+    resources = _resources(raw, tmp_path)
+    small = {
+        "semantic_ids": {"config": {"num_levels": 2, "codebook_size": 16, "code_dim": 8, "epochs": 3, "batch_size": 128}},
+        "ctr_model": {"config": {"epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}},
+    }
+    result = dg.materialize(all_assets, partition_key=EVAL_DAY, resources=resources, run_config={"ops": small})
+    assert result.success
+    skipped = f"skipped: {reason}"
+    assert result.asset_materializations_for_node("item_encoder")[0].metadata["domain_adaptation"].value == skipped
+
+    storage = resources["parquet_io_manager"].storage
+    reference = storage.read("item_encoder", EVAL_DAY)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(reference["run_id"][0])
+    default = TRAIN_PRESETS["tiny"]
+    assert default.domain_adaptation_epochs > 0
+    assert (run.data.params["domain_adaptation"], run.data.params["domain_adaptation_epochs"]) == (skipped, "0")
+    assert len(client.get_metric_history(run.info.run_id, "alignment_loss")) == default.epochs
+    assert client.get_metric_history(run.info.run_id, "domain_adaptation_loss") == []
+
+    embeddings = storage.read("item_embeddings", EVAL_DAY)
+    catalog = pl.read_parquet(raw / "items" / "*.parquet")
+    assert sorted(embeddings["item_id"].to_list()) == sorted(catalog["item_id"].to_list())
+    vectors = embeddings["embedding"].to_numpy()
+    assert np.isfinite(vectors).all() and len(np.unique(vectors.round(4), axis=0)) > 0.9 * len(vectors)
+
+    report = {row["variant"]: row for row in storage.read("i2i_retrieval", EVAL_DAY).iter_rows(named=True)}
+    assert list(report) == ["untuned", "domain_adaptation", "i2i_alignment", "both"]
+    for variant in ("domain_adaptation", "both"):
+        row = report[variant]
+        assert (row["queries"], row["hits"], row["hit_rate"], row["note"]) == (None, None, None, f"n/a: {reason}")
+    for variant in ("untuned", "i2i_alignment"):
+        assert report[variant]["note"] is None and report[variant]["queries"] > 0 and 0 <= report[variant]["hit_rate"] <= 1
+    # Without domain adaptation, item_encoder's training is the i2i_alignment row's: the registered
+    # encoder, whose embeddings above give that row's hits.
+    queries = consecutive_click_pairs(resources["raw"].read_clicks(resources["window"].evaluation_days(EVAL_DAY)))
+    registered = hit_at_k(embeddings["item_id"].to_numpy(), vectors, queries, report["i2i_alignment"]["k"])
+    assert (report["i2i_alignment"]["hits"], report["i2i_alignment"]["queries"]) == (registered.hits, registered.queries)
+    table = result.asset_materializations_for_node("i2i_retrieval")[0].metadata["table_4"].value
+    assert f"| domain_adaptation | n/a: {reason} | - |" in table and f"| both | n/a: {reason} | - |" in table
+    retrieval_run = client.get_run(result.asset_materializations_for_node("i2i_retrieval")[0].metadata["mlflow_run_id"].value)
+    assert {"hit_at_30.untuned", "hit_at_30.i2i_alignment"} == {k for k in retrieval_run.data.metrics if k.startswith("hit_at")}

@@ -18,6 +18,7 @@ from saviorrec_pipeline.method.encoder_training import (
     TRAIN_PRESETS,
     CatalogTensors,
     TrainConfig,
+    applicable_training,
     build_model,
     catalog_tensors,
     device_for_training,
@@ -77,6 +78,13 @@ def read_catalog(raw: RawStore) -> pl.DataFrame:
     return catalog
 
 
+def domain_adaptation_note(training: TrainConfig, skipped_because: str | None) -> str:
+    """What became of the domain-adaptation phase, for metadata and MLflow."""
+    if skipped_because:
+        return f"skipped: {skipped_because}"
+    return f"{training.domain_adaptation_epochs} epoch(s)" if training.domain_adaptation_epochs else "off (domain_adaptation_epochs 0)"
+
+
 def train_encoder(
     context: dg.AssetExecutionContext, architecture: EncoderConfig, training: TrainConfig, catalog: CatalogTensors,
     pairs: np.ndarray, run: TrackedRun | None, initial_weights: str | None = None, checkpoints: CheckpointStore | None = None,
@@ -121,8 +129,12 @@ def item_encoder(
             f"coclick_pairs for {context.partition_key} is empty: no item pairs to align the encoder on "
             "(lower coclick_pairs' min_support, or check that the training window has clicks)"
         )
-    architecture, training = config.architecture(), config.training()
+    architecture = config.architecture()
     catalog = catalog_tensors(read_catalog(raw), architecture)
+    training, skipped_because = applicable_training(config.training(), catalog)
+    domain_adaptation = domain_adaptation_note(training, skipped_because)
+    if skipped_because:
+        context.log.warning(f"domain adaptation {domain_adaptation}; training by i2i alignment alone")
     pairs = pair_rows(coclick_pairs, catalog.item_ids)
     if len(pairs) < 2:
         raise ValueError(
@@ -135,7 +147,10 @@ def item_encoder(
     checkpoints = storage.checkpoint("item_encoder", context.partition_key, run_key)
     resumed = resume_point(context, checkpoints)
     with tracking.start_run(context, "item_encoder") as run:
-        run.log_params({"preset": config.preset, **dataclasses.asdict(training), "pairs": len(pairs), "items": len(catalog)})
+        run.log_params(
+            {"preset": config.preset, **dataclasses.asdict(training), "domain_adaptation": domain_adaptation,
+             "pairs": len(pairs), "items": len(catalog)}
+        )
         run.log_params({f"arch.{k}": json.dumps(v) for k, v in architecture.to_dict().items()})
         with track_usage() as usage:
             model, history = train_encoder(context, architecture, training, catalog, pairs, run, config.checkpoint_path, checkpoints)
@@ -167,6 +182,7 @@ def item_encoder(
             "model": f"{ENCODER_MODEL} v{version}",
             "device": str(device_for_training()),
             "pairs": len(pairs),
+            "domain_adaptation": domain_adaptation,
             "resumed_from": resumed,
             "loss_first_epoch": round(history[0], 4),
             "loss_last_epoch": round(history[-1], 4),
@@ -255,11 +271,18 @@ def i2i_retrieval(
     with tracking.start_run(context, "i2i_retrieval") as run:
         run.log_params({"k": config.k, "encoder_run_id": item_encoder["run_id"][0], "queries": queries.height})
         for name, adapt, align in TABLE4_VARIANTS:
-            training = dataclasses.replace(
+            wanted = dataclasses.replace(
                 base_training,
                 domain_adaptation_epochs=(base_training.domain_adaptation_epochs or 1) if adapt else 0,
                 epochs=base_training.epochs if align else 0,
             )
+            training, skipped_because = applicable_training(wanted, catalog)
+            if skipped_because:
+                # Without its domain adaptation it would be another row's training: it does not apply.
+                context.log.info(f"Table 4 variant {name}: n/a, {skipped_because}")
+                run.log_params({f"{name}.domain_adaptation": f"skipped: {skipped_because}"})
+                rows.append((name, adapt, align, config.k, None, None, None, f"n/a: {skipped_because}"))
+                continue
             if training == base_training:
                 # The same training from the same start and seed as item_encoder: its registered model.
                 context.log.info(f"Table 4 variant {name}: the registered encoder {item_encoder['model_uri'][0]}")
@@ -268,14 +291,27 @@ def i2i_retrieval(
                 context.log.info(f"Table 4 variant {name}: training {training.domain_adaptation_epochs} DA + {training.epochs} i2i epochs")
                 model, _ = train_encoder(context, architecture, training, catalog, pairs, run=None, initial_weights=initial_weights)
             result = hit_at_k(catalog.item_ids, embed_catalog(model, catalog, device), queries, config.k)
-            rows.append((name, adapt, align, config.k, result.queries, result.hits, result.hit_rate))
+            rows.append((name, adapt, align, config.k, result.queries, result.hits, result.hit_rate, None))
             if result.hit_rate is not None:
                 run.log_metrics({f"hit_at_{config.k}.{name}": result.hit_rate})
     report = pl.DataFrame(
-        rows, schema=["variant", "domain_adaptation", "i2i_alignment", "k", "queries", "hits", "hit_rate"], orient="row"
+        rows,
+        schema={
+            "variant": pl.String, "domain_adaptation": pl.Boolean, "i2i_alignment": pl.Boolean, "k": pl.Int64,
+            "queries": pl.Int64, "hits": pl.Int64, "hit_rate": pl.Float64, "note": pl.String,
+        },
+        orient="row",
     )
-    table = "\n".join(
-        [f"| variant | Hit@{config.k} | hits / queries |", "|---|---|---|"]
-        + [f"| {r[0]} | {'n/a' if r[6] is None else f'{100 * r[6]:.2f}%'} | {r[5]} / {r[4]} |" for r in rows]
-    )
-    return dg.Output(report, metadata={"table_4": dg.MetadataValue.md(table), "queries": queries.height, "mlflow_run_id": run.run_id})
+    return dg.Output(report, metadata={"table_4": dg.MetadataValue.md(table_4(report)), "queries": queries.height, "mlflow_run_id": run.run_id})
+
+
+def table_4(report: pl.DataFrame) -> str:
+    """The report as a markdown table; a variant that does not apply says why instead of a rate."""
+    lines = [f"| variant | Hit@{report['k'][0]} | hits / queries |", "|---|---|---|"]
+    for row in report.iter_rows(named=True):
+        if row["note"]:
+            lines.append(f"| {row['variant']} | {row['note']} | - |")
+        else:
+            rate = "n/a" if row["hit_rate"] is None else f"{100 * row['hit_rate']:.2f}%"
+            lines.append(f"| {row['variant']} | {rate} | {row['hits']} / {row['queries']} |")
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ Both use AdamW with a linear warmup over the first `warmup_epochs`, then cosine 
 Given a `CheckpointStore`, each phase saves after every epoch and resumes from the latest save.
 """
 
+import dataclasses
 import io
 import math
 import time
@@ -137,14 +138,38 @@ def _optimizer(model: SaviorEnc, train: TrainConfig, steps_per_epoch: int, epoch
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def domain_adaptation_obstacle(catalog: CatalogTensors) -> str | None:
+    """Why the domain-adaptation phase has nothing to learn from on `catalog`, or None when it has:
+    CLIP's image-title loss contrasts items that have both, at least two of them."""
+    if not catalog.has_image.any():
+        return "no catalog item has an image"
+    if not catalog.has_title.any():
+        return "no catalog item has a title"
+    both = int((catalog.has_image & catalog.has_title).sum())
+    if both < 2:
+        return f"{'only one' if both else 'no'} catalog item has both an image and a title (CLIP's loss needs two)"
+    return None
+
+
+def applicable_training(training: TrainConfig, catalog: CatalogTensors) -> tuple[TrainConfig, str | None]:
+    """`training` as it can run on `catalog`, and why its domain-adaptation phase is skipped (None
+    when it is not): a catalog the raw contract allows may have no image or no title at all, and
+    is then trained by i2i alignment alone."""
+    obstacle = domain_adaptation_obstacle(catalog) if training.domain_adaptation_epochs else None
+    if obstacle is None:
+        return training, None
+    return dataclasses.replace(training, domain_adaptation_epochs=0), obstacle
+
+
 def train_domain_adaptation(
     model: SaviorEnc, catalog: CatalogTensors, train: TrainConfig, device: torch.device,
     on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None, checkpoints: CheckpointStore | None = None,
 ) -> list[float]:
     """CLIP image-title loss over catalog items that have both; mean loss per epoch."""
+    obstacle = domain_adaptation_obstacle(catalog)
+    if obstacle is not None:
+        raise ValueError(f"domain adaptation cannot run: {obstacle}")
     rows = torch.nonzero(catalog.has_image & catalog.has_title).flatten()
-    if len(rows) < 2:
-        raise ValueError("domain adaptation needs at least 2 catalog items with both an image and a title")
 
     def loss_of(batch_rows: torch.Tensor) -> torch.Tensor:
         images, _, tokens, _ = catalog.batch(batch_rows, device)
