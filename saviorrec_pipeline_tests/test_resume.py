@@ -143,12 +143,33 @@ def test_ctr_training_resumes_to_the_same_model(variant):
         model = ctr_model(variant)
         return model, train_ctr(model, rows, rows, settings, CPU, checkpoints=store)
 
-    reference, reference_history = train(None)
-    (model, history), resumed_from, store = _interrupted_then_resumed(train, kill_after=2)
+    reference, reference_training = train(None)
+    (model, training), resumed_from, store = _interrupted_then_resumed(train, kill_after=2)
     assert resumed_from.epochs_done == 2
     _assert_same_weights(reference, model)
-    assert history == reference_history and len(history) == 3
+    assert training.history == reference_training.history and len(training.history) == 3
     assert store.saves == 3
+
+
+@pytest.mark.parametrize("kill_after", [1, 4], ids=["while-choosing-epochs", "in-final-training"])
+def test_ctr_training_with_chosen_epochs_resumes_to_the_same_model(kill_after):
+    rows = _ctr_rows()
+    settings = CTRTrainConfig(max_epochs=4, batch_size=256, sequence_length=5)
+
+    def train(store):
+        model = ctr_model("base")
+        return model, train_ctr(model, rows, rows, settings, CPU, checkpoints=store)
+
+    reference, reference_training = train(None)
+    selection_epochs = len(reference_training.selection)
+    assert 1 <= reference_training.epochs <= selection_epochs <= 4
+    (model, training), resumed_from, store = _interrupted_then_resumed(train, kill_after=kill_after)
+    assert resumed_from.phase == ("selection" if kill_after <= selection_epochs else "ctr")
+    _assert_same_weights(reference, model)
+    assert (training.epochs, training.selection, training.history) == (
+        reference_training.epochs, reference_training.selection, reference_training.history
+    )
+    assert store.saves == selection_epochs + reference_training.epochs  # no epoch was trained twice
 
 
 def test_a_finished_run_resumed_trains_nothing_more():
@@ -156,9 +177,9 @@ def test_a_finished_run_resumed_trains_nothing_more():
     settings = CTRTrainConfig(epochs=2, batch_size=128, sequence_length=5)
     store = MemoryStore()
     finished = ctr_model("base")
-    history = train_ctr(finished, rows, None, settings, CPU, checkpoints=store)
+    history = train_ctr(finished, rows, None, settings, CPU, checkpoints=store).history
     again = ctr_model("base")
-    assert train_ctr(again, rows, None, settings, CPU, checkpoints=store) == history
+    assert train_ctr(again, rows, None, settings, CPU, checkpoints=store).history == history
     assert store.saves == 2
     _assert_same_weights(finished, again)
 

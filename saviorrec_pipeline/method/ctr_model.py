@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 BLOCKS = ("b", "m", "m2b", "b2m")
+EMBEDDING_INIT_STD = 1e-4
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,20 @@ class CTRModel(nn.Module):
         self.register_buffer("item_ids", torch.zeros(pad, dtype=torch.long))
         self.register_buffer("item_embeddings", torch.zeros(pad + 1, config.embedding_dim))
         self.register_buffer("item_codes", torch.zeros(pad + 1, config.num_levels, dtype=torch.long))
+        # Standardisation of the statistics S_i, fitted on the training rows (load_stats_scale):
+        # raw log-counts reach 10 and more, and would swamp the ID embeddings beside them.
+        self.register_buffer("stats_mean", torch.zeros(config.stats_dim))
+        self.register_buffer("stats_std", torch.ones(config.stats_dim))
         self.item_id_embedding = nn.Embedding(pad + 1, config.id_dim, padding_idx=pad)
         self.user_embedding = nn.Embedding(config.user_buckets, config.user_dim)
         self.profile_embeddings = nn.ModuleList(nn.Embedding(size, config.profile_dim) for size in config.profile_vocab_sizes)
+        for table in [self.item_id_embedding, self.user_embedding, *self.profile_embeddings]:
+            # Near zero, as DIN starts its tables: Adagrad moves each coordinate by about lr per
+            # update whatever the gradient's scale, so a unit-variance start would stay noise for
+            # hundreds of updates, and a rare id never gets them.
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
+        with torch.no_grad():
+            self.item_id_embedding.weight[pad].zero_()
         if self.variant.mba:
             self.mba = MBA(config.num_levels, config.codebook_size, config.mba_dim, config.embedding_dim, skip=not self.variant.mba_from_rq)
         h_dim, z_dim = config.id_dim + config.stats_dim, config.embedding_dim
@@ -119,10 +131,24 @@ class CTRModel(nn.Module):
             self.item_embeddings[:-1] = (embeddings - embeddings.mean(dim=0)) / embeddings.std(dim=0).clamp_min(1e-6)
             self.item_codes[:-1] = codes
 
+    def load_stats_scale(self, stats: torch.Tensor) -> None:
+        """Standardise S_i by the mean and deviation of the training rows' statistics (rows, 3),
+        over their finite values: one bad row must not spoil every row's features."""
+        finite = stats.isfinite()
+        count = finite.sum(dim=0).clamp_min(1)
+        values = stats.nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        mean = values.sum(dim=0) / count
+        variance = (((values - mean) * finite) ** 2).sum(dim=0) / count
+        with torch.no_grad():
+            self.stats_mean.copy_(mean)
+            self.stats_std.copy_(variance.sqrt().clamp_min(1e-6))
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits (B,)."""
-        h_cand = torch.cat([self.item_id_embedding(batch.item), batch.stats], dim=-1)
-        h_seq = torch.cat([self.item_id_embedding(batch.seq_items), batch.seq_stats], dim=-1)
+        stats = (batch.stats - self.stats_mean) / self.stats_std  # (B, 3)
+        seq_stats = (batch.seq_stats - self.stats_mean) / self.stats_std * batch.seq_mask[..., None]  # (B, N, 3), padding 0
+        h_cand = torch.cat([self.item_id_embedding(batch.item), stats], dim=-1)
+        h_seq = torch.cat([self.item_id_embedding(batch.seq_items), seq_stats], dim=-1)
         z_cand = z_seq = None
         if self.variant.multimodal:
             z_cand, z_seq = self._multimodal(batch.item), self._multimodal(batch.seq_items)
@@ -168,24 +194,33 @@ class MBA(nn.Module):
 
 class TargetAttention(nn.Module):
     """TA(Q, K, V) of eq. 10 as multi-head attention of the candidate over the sequence; padded
-    positions are masked, and a user without clicks gets a zero vector."""
+    positions are masked, and a user without clicks gets a zero vector.
+
+    Per head h: softmax_n(q_h . W_k,h k_n / sqrt(d)) weighs W_v,h v_n + b_v,h. Computed in the
+    order that is cheap when the candidate is one and the sequence long: the query is taken into
+    the keys' input space (W_k,h^T q_h) and the values are pooled before W_v,h, so no position's
+    key or value is ever projected. A key bias would add q_h . b_k,h to every position alike,
+    which softmax ignores: the keys have none."""
 
     def __init__(self, query_dim: int, key_dim: int, value_dim: int, dim: int, heads: int):
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention_dim {dim} is not divisible by heads {heads}")
         self.heads = heads
-        self.w_q, self.w_k, self.w_v = nn.Linear(query_dim, dim), nn.Linear(key_dim, dim), nn.Linear(value_dim, dim)
+        self.w_q, self.w_k, self.w_v = nn.Linear(query_dim, dim), nn.Linear(key_dim, dim, bias=False), nn.Linear(value_dim, dim)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = keys.shape
-        q = self.w_q(query).view(batch, self.heads, 1, -1)
-        k = self.w_k(keys).view(batch, length, self.heads, -1).transpose(1, 2)
-        v = self.w_v(values).view(batch, length, self.heads, -1).transpose(1, 2)
-        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, 1, N)
-        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        batch, heads = query.shape[0], self.heads
+        q = self.w_q(query).view(batch, heads, -1)  # (B, H, d)
+        head_dim = q.shape[-1]
+        q_in_keys = torch.einsum("bhd,hdk->bhk", q, self.w_k.weight.view(heads, head_dim, -1))  # (B, H, key_dim)
+        scores = torch.bmm(q_in_keys, keys.transpose(1, 2)) / math.sqrt(head_dim)  # (B, H, N)
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
         weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # all-masked rows -> 0
-        return (weights @ v).reshape(batch, -1)
+        pooled = torch.bmm(weights, values)  # (B, H, value_dim)
+        out = torch.einsum("bhv,hdv->bhd", pooled, self.w_v.weight.view(heads, head_dim, -1))  # (B, H, d)
+        out = out + self.w_v.bias.view(heads, head_dim) * weights.sum(-1, keepdim=True)  # the weights sum to 1, or 0
+        return out.reshape(batch, -1)
 
 
 class BiDirectionalTargetAttention(nn.Module):

@@ -1,10 +1,11 @@
-"""Ranking rows -> tensors, and the CTR training loop (paper 4.1.4: Adagrad, lr 0.01 -> 0.001,
-batch 1024, BCE of eq. 17).
+"""Ranking rows -> tensors, and the CTR training loop (paper 4.1.4: Adagrad at lr 0.01, batch 1024,
+BCE of eq. 17), its length chosen by early stopping on the latest training rows.
 
 Sequences stay flat (one array of all sequence items plus offsets) and are padded per batch, so
 memory grows with the clicks the rows hold, not with rows x N.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -69,6 +70,11 @@ class EncodedRows:
     def __len__(self) -> int:
         return len(self.item)
 
+    def take(self, rows: torch.Tensor) -> "EncodedRows":
+        """The given rows; the flat sequence arrays are shared, not copied."""
+        per_row = {name: value[rows] for name, value in vars(self).items() if name not in ("seq_items", "seq_stats")}
+        return EncodedRows(seq_items=self.seq_items, seq_stats=self.seq_stats, **per_row)
+
     def batch(self, rows: torch.Tensor, sequence_length: int, padding_item: int) -> Batch:
         lengths = self.seq_length[rows].clamp(max=sequence_length)
         # The last `lengths` clicks of each row, left-aligned and padded to the batch's longest.
@@ -121,12 +127,32 @@ def encode_rows(
 
 @dataclass(frozen=True)
 class CTRTrainConfig:
-    epochs: int = 1
+    epochs: int | None = None  # None: as many as early stopping on the validation slice picks
+    max_epochs: int = 10  # early stopping's budget
+    validation_fraction: float = 0.1  # the latest training rows, held out to pick the epochs
     batch_size: int = 1024
     lr_start: float = 0.01
-    lr_end: float = 0.001
+    # The paper decays Adagrad's rate to 0.001; within one day's training that cost base 0.7 to 1.9
+    # AUC points on the benchmark shapes, and Adagrad's own step sizes shrink anyway: constant by default.
+    lr_end: float = 0.01
     sequence_length: int = 50
     seed: int = 0
+
+
+@dataclass
+class CTRTraining:
+    """What training did: the epochs it chose (and the validation AUC per epoch that chose them),
+    per-epoch figures of the final training, and its cost."""
+
+    epochs: int
+    selection: list[dict[str, float]]  # per epoch on the held-out slice; empty when epochs were given
+    history: list[dict[str, float]]
+    samples_trained: int  # rows passed through optimiser steps, both phases
+    train_seconds: float  # time in those steps, not in evaluation
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples_trained / max(self.train_seconds, 1e-9)
 
 
 @torch.no_grad()
@@ -140,51 +166,102 @@ def predict(model: CTRModel, rows: EncodedRows, sequence_length: int, device: to
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
+def validation_split(rows: EncodedRows, fraction: float) -> tuple[EncodedRows, EncodedRows]:
+    """(the earlier rows, the latest `fraction` of them): rows come in time order, so the held-out
+    slice is the end of the training window, as the evaluation window follows it."""
+    cut = len(rows) - max(1, round(len(rows) * fraction))
+    return rows.take(torch.arange(cut)), rows.take(torch.arange(cut, len(rows)))
+
+
 def train_ctr(
     model: CTRModel, train: EncodedRows, evaluation: EncodedRows | None, settings: CTRTrainConfig, device: torch.device,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None, checkpoints: CheckpointStore | None = None,
-) -> list[dict[str, float]]:
-    """Adagrad with the learning rate decaying geometrically from
-    lr_start to lr_end over all steps; reports train loss, and evaluation log loss / AUC when
-    `evaluation` rows are given, per epoch. Given a `CheckpointStore`, saves after every epoch and
-    resumes from the latest save."""
-    generator = torch.Generator().manual_seed(settings.seed)
+    on_epoch: Callable[[str, int, dict[str, float]], None] | None = None, checkpoints: CheckpointStore | None = None,
+) -> CTRTraining:
+    """BCE (eq. 17) with Adagrad, the learning rate going geometrically from lr_start to lr_end
+    over the epoch budget (`epochs`, or `max_epochs` when early stopping picks them).
+
+    With `epochs` unset, the number of epochs fits the data: a first run trains on all but the
+    latest `validation_fraction` of the rows and scores that slice after each epoch, stopping once
+    its AUC falls below its best (log loss where the slice has one class); the model then trains
+    from its initial weights on all rows for the best epoch count, so the freshest rows (new items
+    among them) are learnt too. Evaluation rows, when given, are only scored and reported. Given a
+    `CheckpointStore`, every epoch of both runs is saved and training resumes from the latest."""
     model.to(device)
+    model.load_stats_scale(train.stats)
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    saved = latest_checkpoint(checkpoints)
+    epochs, selection, cost = settings.epochs, [], [0, 0.0]
+    if epochs is None:
+        resume = saved if saved is not None and saved.phase == "selection" else None
+        if saved is not None and saved.phase == "ctr":
+            selection = [entry for entry in saved.history if "validation_auc" in entry or "validation_logloss" in entry]
+        else:
+            fit, held_out = validation_split(train, settings.validation_fraction)
+            selection = _run(model, fit, held_out, settings, settings.max_epochs, device, "selection", on_epoch, checkpoints, resume, cost, [])
+        epochs = _best_epochs(selection)
+        model.load_state_dict(initial)
+    resume = saved if saved is not None and saved.phase == "ctr" else None
+    history = _run(model, train, evaluation, settings, epochs, device, "ctr", on_epoch, checkpoints, resume, cost, selection)
+    model.eval()
+    return CTRTraining(epochs, selection, history[len(selection):], cost[0], cost[1])
+
+
+def _score(figures: dict[str, float]) -> float:
+    """Higher is better: the held-out AUC, or minus the log loss where AUC is undefined."""
+    return figures["validation_auc"] if "validation_auc" in figures else -figures["validation_logloss"]
+
+
+def _best_epochs(selection: list[dict[str, float]]) -> int:
+    scores = [_score(figures) for figures in selection]
+    return 1 + scores.index(max(scores))
+
+
+def _run(
+    model: CTRModel, train: EncodedRows, scored: EncodedRows | None, settings: CTRTrainConfig, epochs: int, device: torch.device,
+    phase: str, on_epoch, checkpoints: CheckpointStore | None, saved, cost: list, earlier: list[dict[str, float]],
+) -> list[dict[str, float]]:
+    """One training run of up to `epochs` epochs; in the selection phase `scored` is the held-out
+    slice and the run stops once its score drops below the best. Returns `earlier` + this run's
+    per-epoch figures (checkpoints hold both, so a resumed run knows what was selected)."""
+    generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.Adagrad(model.parameters(), lr=settings.lr_start)
     steps_per_epoch = max(1, -(-len(train) // settings.batch_size))
-    total = settings.epochs * steps_per_epoch
+    total = (settings.epochs or settings.max_epochs) * steps_per_epoch
     ratio = settings.lr_end / settings.lr_start
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (min(step, total - 1) / max(total - 1, 1)))
-    history, first_epoch = [], 0
-    saved = latest_checkpoint(checkpoints)
+    history, first_epoch = list(earlier), 0
     if saved is not None:
         saved.restore(model, optimizer, generator, schedule)
         history, first_epoch = saved.history, saved.epochs_done
+    prefix = "validation" if phase == "selection" else "eval"
     with deterministic_on_cpu(device):
-        for epoch in range(first_epoch, settings.epochs):
+        for epoch in range(first_epoch, epochs):
+            if phase == "selection" and epoch and _score(history[-1]) < max(_score(f) for f in history):
+                break
             model.train()
             order = torch.randperm(len(train), generator=generator)
-            loss_sum = 0.0
+            loss_sum, started = 0.0, time.perf_counter()
             for step, index in enumerate(order.split(settings.batch_size)):
                 batch = train.batch(index, settings.sequence_length, model.config.num_items).to(device)
                 loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)  # eq. 17
-                value = check_finite(loss.item(), "ctr training", epoch, step)
+                value = check_finite(loss.item(), "ctr training" if phase == "ctr" else "ctr training (choosing epochs)", epoch, step)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 loss_sum += value * len(index)
+            cost[0] += len(train)
+            cost[1] += time.perf_counter() - started
             figures = {"train_logloss": loss_sum / max(len(train), 1), "lr": schedule.get_last_lr()[0]}
-            if evaluation is not None and len(evaluation):
-                scores = predict(model, evaluation, settings.sequence_length, device)
-                figures["eval_logloss"] = F.binary_cross_entropy(torch.from_numpy(scores).clamp(1e-7, 1 - 1e-7), evaluation.label).item()
-                auc = roc_auc(evaluation.label.numpy(), scores)
+            if scored is not None and len(scored):
+                scores = predict(model, scored, settings.sequence_length, device)
+                figures[f"{prefix}_logloss"] = F.binary_cross_entropy(torch.from_numpy(scores).clamp(1e-7, 1 - 1e-7), scored.label).item()
+                auc = roc_auc(scored.label.numpy(), scores)
                 if auc is not None:
-                    figures["eval_auc"] = auc
+                    figures[f"{prefix}_auc"] = auc
             history.append(figures)
             if checkpoints is not None:
-                checkpoints.write(Checkpoint.capture("ctr", epoch + 1, history, model, optimizer, generator, schedule).to_bytes())
+                checkpoints.write(Checkpoint.capture(phase, epoch + 1, history, model, optimizer, generator, schedule).to_bytes())
             if on_epoch:
-                on_epoch(epoch, figures)
-    model.eval()
+                on_epoch(phase, epoch, figures)
     return history
