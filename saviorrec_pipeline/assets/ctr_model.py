@@ -56,7 +56,7 @@ class CTRModelConfig(dg.Config):
         description="Adagrad's rate goes geometrically from lr_start to this over the epoch budget (the paper decays it to 0.001; constant measured better per day)",
     )
     mba_dim: int | None = Field(default=None, ge=1, description="MBA codebook dimension (Table 5); default: the RQ codebook's d")
-    id_dim: int = Field(default=32, ge=1)
+    id_dim: int = Field(default=64, ge=1, description="item ID embedding width")
     attention_dim: int = Field(default=64, ge=1)
     heads: int = Field(default=8, ge=1)
     user_buckets: int = Field(default=100_003, ge=1, description="user ids are hashed into this many embedding rows")

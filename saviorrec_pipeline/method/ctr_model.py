@@ -50,7 +50,7 @@ class CTRConfig:
     num_levels: int  # L of the RQ codes
     codebook_size: int  # K
     mba_dim: int = 64  # Table 5
-    id_dim: int = 32
+    id_dim: int = 64  # 32 scored 0.01 lower AUC for base on the demo
     stats_dim: int = 3  # log1p(impressions), log1p(clicks), smoothed CTR
     user_buckets: int = 100_003
     user_dim: int = 16
@@ -99,9 +99,11 @@ class CTRModel(nn.Module):
         # raw log-counts reach 10 and more, and would swamp the ID embeddings beside them.
         self.register_buffer("stats_mean", torch.zeros(config.stats_dim))
         self.register_buffer("stats_std", torch.ones(config.stats_dim))
-        self.item_id_embedding = nn.Embedding(pad + 1, config.id_dim, padding_idx=pad)
-        self.user_embedding = nn.Embedding(config.user_buckets, config.user_dim)
-        self.profile_embeddings = nn.ModuleList(nn.Embedding(size, config.profile_dim) for size in config.profile_vocab_sizes)
+        # Sparse gradients: Adagrad then updates only the rows a batch touched, not every row of
+        # a table that (with hashed users) is mostly rows the batch never saw.
+        self.item_id_embedding = nn.Embedding(pad + 1, config.id_dim, padding_idx=pad, sparse=True)
+        self.user_embedding = nn.Embedding(config.user_buckets, config.user_dim, sparse=True)
+        self.profile_embeddings = nn.ModuleList(nn.Embedding(size, config.profile_dim, sparse=True) for size in config.profile_vocab_sizes)
         for table in [self.item_id_embedding, self.user_embedding, *self.profile_embeddings]:
             # Near zero, as DIN starts its tables: Adagrad moves each coordinate by about lr per
             # update whatever the gradient's scale, so a unit-variance start would stay noise for
@@ -151,7 +153,8 @@ class CTRModel(nn.Module):
         h_seq = torch.cat([self.item_id_embedding(batch.seq_items), seq_stats], dim=-1)
         z_cand = z_seq = None
         if self.variant.multimodal:
-            z_cand, z_seq = self._multimodal(batch.item), self._multimodal(batch.seq_items)
+            z_all = self._multimodal(torch.cat([batch.item[:, None], batch.seq_items], dim=1))  # (B, 1 + N, D)
+            z_cand, z_seq = z_all[:, 0], z_all[:, 1:]
         interest = self.attention(h_cand, h_seq, z_cand, z_seq, batch.seq_mask)
         other = [self.user_embedding(batch.user), h_cand]
         other += [table(batch.profile[:, i]) for i, table in enumerate(self.profile_embeddings)]
