@@ -1,7 +1,8 @@
 """Co-click mining benchmark: `mine_coclick_pairs` (Polars) against one DuckDB SQL query.
 
-Both engines mine the same synthetic Parquet click log with the same definition (DESIGN.md,
-"Co-click mining"); each run happens in its own subprocess so that its peak RSS is its own.
+Both engines mine the same synthetic Parquet click log with the same definition (the
+recipe in saviorrec_pipeline.method.coclick); each run happens in its own subprocess so that its
+peak RSS is its own.
 The pair tables must be identical, or the benchmark fails.
 
     python benchmarks/coclick.py                      # 10^6 and 10^7 events

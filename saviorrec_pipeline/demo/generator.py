@@ -1,4 +1,4 @@
-"""Demo raw data with planted ground truth (DESIGN.md "Demo data").
+"""Demo raw data with planted ground truth.
 
 The data is built so that the method's claims can be seen on it:
 

@@ -8,7 +8,7 @@ everything; gradients pass the quantiser straight through.
 
     L = lambda0 * reconstruction + lambda1 * commitment + InfoNCE(z_hat_i, z_hat_j) over co-click pairs   (eq. 5)
 
-Choices the paper leaves open, each measured on the demo catalog (closing note of issue 4):
+Choices the paper leaves open, each measured on the demo catalog:
 - the model standardises its input per dimension: aligned embeddings are unit vectors packed in a
   narrow cone (variance per dimension about 1e-3), which left the encoder's latents tiny and the
   k-means codebooks stale once training spread them;
