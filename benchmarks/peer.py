@@ -2,7 +2,7 @@
 and deepctr-torch's DIN trained on the same `ranking_dataset` rows for the same number of epochs;
 AUC in total and per item-PV bucket, and training samples/s, on data shaped unlike the demo too.
 
-    python benchmarks/peer.py                                   # every shape in SHAPES
+    python benchmarks/peer.py --readme                          # every shape in SHAPES; pastes peer.md into README.md
     python benchmarks/peer.py --shapes demo text_long_window    # some of them
     python benchmarks/peer.py --raw DIR --partition 2025-07-22 --train-days 21 --eval-days 1   # your own data
 
@@ -37,7 +37,7 @@ import psutil
 from saviorrec_pipeline.cli import DEMO_PV_EDGES, EMBEDDED_INSTANCE
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 
-from report import write_report  # benchmarks/, beside this script
+from report import paste_into_readme, write_report  # benchmarks/, beside this script
 
 RESULTS = Path(__file__).parent / "results"
 BASE_MARGIN, SAVIORREC_MARGIN = -0.005, 0.01
@@ -122,7 +122,7 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dic
     din = train_din(train, evaluation, catalog_ids, profile_columns, epochs=max(epochs.values()))
     key = ["user_id", "item_id", "ts"]
     din_rows = [
-        evaluation.select(*key, pl.lit(f"din@{v}").alias("variant"), pl.Series("pctr", din.scores_per_epoch[epochs[v] - 1]),
+        evaluation.select(*key, pl.lit(f"din@{v}").alias("variant"), pl.Series("pctr", din.scores_per_epoch[epochs[v] - 1], dtype=pl.Float32),
                           pl.col("clicked").cast(pl.Int8).alias("label"), "pv")
         for v in variants
     ]
@@ -145,7 +145,7 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dic
 def verdicts(result: dict) -> list[tuple[str, bool, str]]:
     """Each target of one shape: what it asks, met or not, the measured numbers."""
     auc = {(r["variant"], r["bucket"]): r for r in result["auc"]}
-    low = next((r["bucket"] for r in result["auc"] if r["variant"] == "saviorrec" and r["bucket"] != "total" and r["clicks"]), None)
+    low = next((r["bucket"] for r in result["auc"] if r["variant"] == "saviorrec" and r["bucket"] != "total" and r["auc"] is not None), None)
     checks = []
     base, din_b = auc[("base", "total")]["auc"], auc[("din@base", "total")]["auc"]
     checks.append((f"base >= DIN {BASE_MARGIN:+}", base >= din_b + BASE_MARGIN, f"{base:.4f} vs DIN {din_b:.4f}"))
@@ -198,7 +198,8 @@ def main() -> None:
     parser.add_argument("--eval-days", type=int, default=1)
     parser.add_argument("--pv-edges", type=float, nargs="+", default=list(DEMO_PV_EDGES))
     parser.add_argument("--encoder-preset", default="tiny", choices=["tiny", "minilm", "paper"], help="item_encoder's preset")
-    parser.add_argument("--out", type=Path, default=RESULTS / "peer.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "peer.json", help="the markdown goes beside it (.md)")
+    parser.add_argument("--readme", action="store_true", help="paste the markdown into README.md's quality section")
     parser.add_argument("--child", metavar="PARTITION", help=argparse.SUPPRESS)
     args = parser.parse_args()
     edges = tuple(args.pv_edges)
@@ -218,9 +219,15 @@ def main() -> None:
                 raw = Path(folder) / name / "raw"
                 print(generate_demo(raw, shape.spec), flush=True)
                 runs[name] = (raw, shape.spec.last_day.isoformat(), shape.train_days, shape.eval_days, shape.about)
+        failed = {}
         for name, (raw, partition, train_days, eval_days, about) in runs.items():
             started = dt.datetime.now()
-            result = compare(raw, partition, train_days, eval_days, edges, args.encoder_preset, Path(folder) / name)
+            try:
+                result = compare(raw, partition, train_days, eval_days, edges, args.encoder_preset, Path(folder) / name)
+            except RuntimeError as error:  # the other shapes still run and are reported
+                print(error, file=sys.stderr, flush=True)
+                failed[name] = str(error).splitlines()[0]
+                continue
             result |= {"about": about, "window": {"train_days": train_days, "eval_days": eval_days},
                        "seconds": round((dt.datetime.now() - started).total_seconds())}
             result["targets"] = verdicts(result)
@@ -234,8 +241,13 @@ def main() -> None:
         "shapes": shapes,
     }
     write_report(args.out, report)
-    args.out.with_suffix(".md").write_text(markdown(report) + "\n")
-    print(markdown(report))
+    table = markdown(report) + "\n"
+    args.out.with_suffix(".md").write_text(table)
+    print(table)
+    if args.readme:
+        paste_into_readme("peer.md", table)
+    if failed:
+        raise SystemExit("failed: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
 
 
 if __name__ == "__main__":

@@ -28,11 +28,9 @@ from pathlib import Path
 
 import psutil
 
-from report import write_report  # benchmarks/report.py, beside this script
+from report import paste_into_readme, write_report  # benchmarks/report.py, beside this script
 
 BENCHMARKS = Path(__file__).parent
-README = BENCHMARKS.parent / "README.md"
-TABLE_BEGINS, TABLE_ENDS = "<!-- all.md begins", "<!-- all.md ends -->"
 # Script and arguments per stage, in the order they run.
 STAGES = {
     "coclick": ["coclick.py", "--events", "1000000", "10000000"],
@@ -124,18 +122,6 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paste_into_readme(table: str) -> None:
-    """Replace what stands between README's marker lines (the first begins with TABLE_BEGINS)."""
-    text = README.read_text()
-    if TABLE_BEGINS not in text or TABLE_ENDS not in text:
-        raise SystemExit(f"{README} has no lines starting {TABLE_BEGINS!r} and {TABLE_ENDS!r} to paste the table between")
-    head, rest = text.split(TABLE_BEGINS, 1)
-    marker, _ = rest.split("\n", 1)
-    _, tail = rest.split(TABLE_ENDS, 1)
-    README.write_text(f"{head}{TABLE_BEGINS}{marker}\n{table}{TABLE_ENDS}{tail}")
-    print(f"pasted the table into {README}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stages", nargs="+", choices=list(STAGES), default=list(STAGES))
@@ -160,7 +146,7 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(table)
     print(f"wrote {args.out.with_suffix('.md')}\n\n{table}")
     if args.readme:
-        paste_into_readme(table)
+        paste_into_readme("all.md", table)
 
 
 if __name__ == "__main__":
