@@ -97,6 +97,7 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dic
     from din import train_din
     from saviorrec_pipeline.definitions import defs
     from saviorrec_pipeline.method.metrics import auc_report
+    from saviorrec_pipeline.resources.storage import ParquetStorage
     from saviorrec_pipeline.settings import load_settings
 
     with dg.DagsterInstance.get() as instance:
@@ -113,10 +114,10 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dic
     epochs = {v: ctr[f"{v}_epochs"].value for v in variants}
     speed = {v: ctr[f"{v}_train_samples_per_s"].value for v in variants}
 
-    storage = Path(load_settings().storage_root)
-    rows = pl.read_parquet(storage / "ranking_dataset" / f"{partition}.parquet")
-    predictions = pl.read_parquet(storage / "ctr_model" / f"{partition}.parquet")
-    catalog_ids = pl.read_parquet(storage / "item_embeddings" / f"{partition}.parquet")["item_id"].to_numpy()
+    storage = ParquetStorage(root=load_settings().storage_root)
+    rows = storage.read("ranking_dataset", partition)
+    predictions = storage.read("ctr_model", partition)
+    catalog_ids = storage.read("item_embeddings", partition)["item_id"].to_numpy()
     train, evaluation = rows.filter(pl.col("split") == "train"), rows.filter(pl.col("split") == "eval")
     profile_columns = [c for c in metadata["ranking_dataset"]["profile_columns"].value.split(", ") if c != "none"]
     din = train_din(train, evaluation, catalog_ids, profile_columns, epochs=max(epochs.values()))
@@ -127,7 +128,7 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dic
         for v in variants
     ]
     report = auc_report(pl.concat([predictions.select(*key, "variant", "pctr", "label", "pv"), *din_rows]), edges)
-    retrieval = pl.read_parquet(storage / "i2i_retrieval" / f"{partition}.parquet")
+    retrieval = storage.read("i2i_retrieval", partition)
     return {
         "encoder_preset": encoder,
         "encoder_seconds": metadata["item_encoder"]["seconds"].value,
