@@ -12,6 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from saviorrec_pipeline.assets.coclick import coclick_pairs
@@ -77,6 +78,21 @@ def test_alignment_loss_decreases_and_embeddings_are_sound():
     same = (z @ z.T)[group[:, None] == group[None, :]].mean()
     other = (z @ z.T)[group[:, None] != group[None, :]].mean()
     assert same > other + 0.2
+
+
+def test_alignment_loss_is_info_nce_over_every_pair_slot_when_items_repeat_in_a_batch():
+    """Items recurring within a batch are encoded once: the loss must still be eq. 3 over each
+    pair's own two slots, as if every slot were encoded on its own."""
+    catalog = catalog_tensors(_planted_catalog(groups=2, per_group=6), TINY)
+    pairs = np.array([(0, 3), (3, 0), (0, 5), (7, 3), (8, 9), (9, 8), (11, 2), (2, 11)])
+    model = build_model(TINY, seed=0)
+    # One full batch (the loss is a mean over anchors, so the shuffle does not matter) at rate 0.
+    history = train_alignment(model, catalog, pairs, TrainConfig(epochs=1, batch_size=len(pairs), lr=0.0), CPU)
+    with torch.no_grad():
+        z = torch.cat([model(*catalog.batch(torch.tensor([row]), CPU)) for row in pairs.ravel()]).view(len(pairs), 2, -1)
+    ids = torch.from_numpy(catalog.item_ids[pairs])
+    expected = info_nce(z[:, 0], z[:, 1], TrainConfig().temperature, ids[:, 0], ids[:, 1]).item()
+    assert history == pytest.approx([expected], rel=1e-5)
 
 
 def _without(catalog: pl.DataFrame, modality: str) -> pl.DataFrame:
@@ -271,8 +287,12 @@ def test_minilm_preset_embeds_with_the_shipped_text_tower():
     catalog = catalog_tensors(_planted_catalog(groups=2, per_group=3), config)
     z = embed_catalog(model, catalog, CPU)
     assert z.shape == (6, config.embedding_dim) and np.isfinite(z).all()
-    # The pretrained tower reads the titles: its tokenizer is the model folder's, not CLIP's BPE.
-    assert catalog.tokens.shape[1] == config.text["context_length"]
+    # The pretrained tower reads the titles with the model folder's tokenizer, not CLIP's BPE, and
+    # only up to the longest title: the padding it masks anyway is not fed, and z is the same.
+    longest = int((catalog.tokens != model.text_pad_id).sum(dim=1).max())
+    assert catalog.tokens.shape[1] == longest < config.text["context_length"]
+    padded = dataclasses.replace(catalog, tokens=F.pad(catalog.tokens, (0, config.text["context_length"] - longest), value=model.text_pad_id))
+    np.testing.assert_allclose(embed_catalog(model, padded, CPU), z, atol=1e-5)
 
 
 def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tmp_path):

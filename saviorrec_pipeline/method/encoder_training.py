@@ -61,7 +61,7 @@ class CatalogTensors:
     item_ids: np.ndarray
     images: torch.Tensor  # uint8, (items, 3, size, size); zeros where missing, (items, 3, 0, 0) when all are
     has_image: torch.Tensor  # bool
-    tokens: torch.Tensor  # int64, (items, context length)
+    tokens: torch.Tensor  # int64, (items, context length; a Hugging Face tower's: the longest title)
     has_title: torch.Tensor  # bool
 
     def __len__(self) -> int:
@@ -92,11 +92,18 @@ def catalog_tensors(catalog: pl.DataFrame, config: EncoderConfig) -> CatalogTens
         picture = Image.open(io.BytesIO(encoded[row])).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
         images[row] = np.asarray(picture).transpose(2, 0, 1)
     titles = catalog["title"].fill_null("").to_list()
+    tokenizer = tokenizer_for(config)
+    tokens = tokenizer(titles).long()
+    if isinstance(tokenizer, HFTokenizer):
+        # Hugging Face towers mask their padding, so pad columns past the longest title only cost
+        # time; open_clip's own tower keeps its full context (its causal mask has a fixed size).
+        longest = int((tokens != tokenizer.tokenizer.pad_token_id).sum(dim=1).max()) if len(titles) else 1
+        tokens = tokens[:, : max(longest, 1)]
     return CatalogTensors(
         item_ids=catalog["item_id"].to_numpy(),
         images=torch.from_numpy(images),
         has_image=torch.from_numpy(has_image),
-        tokens=tokenizer_for(config)(titles).long(),
+        tokens=tokens,
         has_title=torch.tensor([bool(t.strip()) for t in titles]),
     )
 
@@ -196,7 +203,10 @@ def train_alignment(
 
     def loss_of(batch: torch.Tensor) -> torch.Tensor:
         a, b = pairs[batch, 0], pairs[batch, 1]
-        z = model(*catalog.batch(torch.cat([a, b]), device))
+        # Popular items recur within a batch: each is encoded once and its z shared, the same loss
+        # and gradients for fewer tower passes.
+        rows, slot = torch.cat([a, b]).unique(return_inverse=True)
+        z = model(*catalog.batch(rows, device))[slot.to(device)]
         return info_nce(z[: len(a)].float(), z[len(a) :].float(), train.temperature, item_ids[a], item_ids[b])
 
     return _run_phase(
