@@ -97,8 +97,9 @@ def catalog_tensors(catalog: pl.DataFrame, config: EncoderConfig) -> CatalogTens
     if isinstance(tokenizer, HFTokenizer):
         # Hugging Face towers mask their padding, so pad columns past the longest title only cost
         # time; open_clip's own tower keeps its full context (its causal mask has a fixed size).
+        # (Every title, blank ones too, keeps its start and end tokens, so a catalog with rows keeps >= 2.)
         longest = int((tokens != tokenizer.tokenizer.pad_token_id).sum(dim=1).max()) if len(titles) else 1
-        tokens = tokens[:, : max(longest, 1)]
+        tokens = tokens[:, :longest]
     return CatalogTensors(
         item_ids=catalog["item_id"].to_numpy(),
         images=torch.from_numpy(images),
