@@ -125,6 +125,35 @@ def test_target_attention_is_textbook_multi_head_attention():
         torch.testing.assert_close(attention(query, keys, values, mask), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_bidirectional_attention_equals_each_block_computed_on_its_own():
+    """Blocks sharing keys or values are computed together; each block's output must be what its own
+    TA(query side, key side, value side) gives, gradients included."""
+    from saviorrec_pipeline.method.ctr_model import BLOCKS, BiDirectionalTargetAttention
+
+    g = torch.Generator().manual_seed(6)
+    attention = BiDirectionalTargetAttention(BLOCKS, h_dim=7, z_dim=5, dim=16, heads=4)
+    with torch.no_grad():
+        for p in attention.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    h_cand, h_seq = torch.randn(3, 7, generator=g), torch.randn(3, 9, 7, generator=g, requires_grad=True)
+    z_cand, z_seq = torch.randn(3, 5, generator=g), torch.randn(3, 9, 5, generator=g, requires_grad=True)
+    mask = torch.rand(3, 9, generator=g) < 0.6
+    mask[1] = False  # a user without clicks
+    together = attention(h_cand, h_seq, z_cand, z_seq, mask)
+    (together ** 2).sum().backward()
+    grads = h_seq.grad.clone(), z_seq.grad.clone()
+    h_seq.grad = z_seq.grad = None
+    side = {"h": (h_cand, h_seq), "z": (z_cand, z_seq)}
+    alone = torch.cat([
+        block(side[q][0], side[k][1], side[v][1], mask)
+        for block, (q, k, v) in ((attention.blocks[name], attention.SIDES[name]) for name in BLOCKS)
+    ], dim=-1)
+    (alone ** 2).sum().backward()
+    torch.testing.assert_close(together, alone)
+    torch.testing.assert_close(grads, (h_seq.grad, z_seq.grad))
+    assert together[1].abs().sum() == 0 and together[0].abs().sum() > 0
+
+
 def _parity_rows(n: int, flipped_tail: float = 0.0):
     """Rows whose label follows the item's parity; in the latest `flipped_tail` share it is reversed."""
     from saviorrec_pipeline.method.ctr_training import EncodedRows

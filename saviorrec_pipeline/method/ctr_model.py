@@ -21,6 +21,7 @@ from torch import nn
 
 BLOCKS = ("b", "m", "m2b", "b2m")
 EMBEDDING_INIT_STD = 1e-4
+MASKED_SCORE = -1e9  # exp of it, beside any real score, is exactly 0 in float32
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,7 @@ class CTRModel(nn.Module):
         h_seq = torch.cat([self.item_id_embedding(batch.seq_items), seq_stats], dim=-1)
         z_cand = z_seq = None
         if self.variant.multimodal:
-            z_all = self._multimodal(torch.cat([batch.item[:, None], batch.seq_items], dim=1))  # (B, 1 + N, D)
-            z_cand, z_seq = z_all[:, 0], z_all[:, 1:]
+            z_cand, z_seq = self._multimodal(batch.item, batch.seq_items)  # (B, D), (B, N, D)
         interest = self.attention(h_cand, h_seq, z_cand, z_seq, batch.seq_mask)
         other = [self.user_embedding(batch.user), h_cand]
         other += [table(batch.profile[:, i]) for i, table in enumerate(self.profile_embeddings)]
@@ -164,13 +164,16 @@ class CTRModel(nn.Module):
             other.append(batch.base_pctr)
         return self.dnn(torch.cat([interest, *other], dim=-1)).squeeze(-1)
 
-    def _multimodal(self, items: torch.Tensor) -> torch.Tensor:
-        # Each distinct item once: a batch's sequences repeat items many times over.
-        unique, inverse = torch.unique(items, return_inverse=True)
+    def _multimodal(self, item: torch.Tensor, seq_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each distinct item once: a batch's sequences repeat items many times over. Read back with
+        # index_select, not z[inverse]: its backward (index_add) is several times cheaper on a CPU
+        # than advanced indexing's (index_put with accumulation).
+        unique, inverse = torch.unique(torch.cat([item, seq_items.flatten()]), return_inverse=True)
         z = self.item_embeddings[unique]
         if self.variant.mba:
             z = self.mba(z, self.item_codes[unique])
-        return z[inverse]
+        z_cand, z_seq = z.index_select(0, inverse[: len(item)]), z.index_select(0, inverse[len(item):])
+        return z_cand, z_seq.view(*seq_items.shape, -1)
 
 
 class MBA(nn.Module):
@@ -188,8 +191,9 @@ class MBA(nn.Module):
         self.fuse = nn.Sequential(nn.Linear(num_levels * dim, out_dim, bias=False), nn.LeakyReLU(), nn.Linear(out_dim, out_dim, bias=False))
 
     def forward(self, z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        levels = torch.arange(codes.shape[-1], device=codes.device)
-        v = self.codebook[levels, codes].flatten(-2)  # (..., L * dim): Concat(v_1..v_L), eqs. 6-7
+        levels, size = torch.arange(codes.shape[-1], device=codes.device), self.codebook.shape[1]
+        rows = (codes + levels * size).flatten()  # row (level, code) of the flattened codebook
+        v = self.codebook.flatten(0, 1).index_select(0, rows).view(*codes.shape[:-1], -1)  # (..., L * dim): Concat(v_1..v_L), eqs. 6-7
         v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1.0)
         v_align = self.fuse(v)  # eq. 8
         return z + v_align if self.skip else v_align  # eq. 9
@@ -213,35 +217,63 @@ class TargetAttention(nn.Module):
         self.w_q, self.w_k, self.w_v = nn.Linear(query_dim, dim), nn.Linear(key_dim, dim, bias=False), nn.Linear(value_dim, dim)
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = attention_weights(self.query_in_keys(query), keys, mask)
+        return self.output(torch.bmm(weights, values), weights)
+
+    def query_in_keys(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, query_dim) -> (B, H, key_dim): W_k,h^T q_h / sqrt(d), whose dot product with a raw key is its score."""
         batch, heads = query.shape[0], self.heads
         q = self.w_q(query).view(batch, heads, -1)  # (B, H, d)
         head_dim = q.shape[-1]
-        q_in_keys = torch.einsum("bhd,hdk->bhk", q, self.w_k.weight.view(heads, head_dim, -1))  # (B, H, key_dim)
-        scores = torch.bmm(q_in_keys, keys.transpose(1, 2)) / math.sqrt(head_dim)  # (B, H, N)
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        weights = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # all-masked rows -> 0
-        pooled = torch.bmm(weights, values)  # (B, H, value_dim)
-        out = torch.einsum("bhv,hdv->bhd", pooled, self.w_v.weight.view(heads, head_dim, -1))  # (B, H, d)
-        out = out + self.w_v.bias.view(heads, head_dim) * weights.sum(-1, keepdim=True)  # the weights sum to 1, or 0
+        return torch.einsum("bhd,hdk->bhk", q, self.w_k.weight.view(heads, head_dim, -1)) / math.sqrt(head_dim)
+
+    def output(self, pooled: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B, H, value_dim) raw values pooled by (B, H, N) weights -> (B, dim): W_v,h and b_v,h applied after pooling."""
+        batch, heads = pooled.shape[0], self.heads
+        out = torch.einsum("bhv,hdv->bhd", pooled, self.w_v.weight.view(heads, -1, pooled.shape[-1]))  # (B, H, d)
+        out = out + self.w_v.bias.view(heads, -1) * weights.sum(-1, keepdim=True)  # the weights sum to 1, or 0
         return out.reshape(batch, -1)
 
 
+def attention_weights(queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the sequence of (B, Q, key_dim) queries against (B, N, key_dim) keys -> (B, Q, N);
+    masked positions get 0, and a row with no position left all zeros.
+
+    A finite mask bias, added inside the matmul, and a zero factor for empty rows: with -inf an
+    empty row would be NaN, and cleaning it up costs more elementwise passes than the matmul."""
+    bias = torch.where(mask, 0.0, MASKED_SCORE)[:, None, :]  # (B, 1, N)
+    weights = torch.softmax(torch.baddbmm(bias, queries, keys.transpose(1, 2)), dim=-1)
+    return weights * mask.any(dim=1).to(weights.dtype)[:, None, None]
+
+
 class BiDirectionalTargetAttention(nn.Module):
-    """Eqs. 11-15: the blocks a variant has, each TA(query side, key side, value side)."""
+    """Eqs. 11-15: the blocks a variant has, each TA(query side, key side, value side).
+
+    Blocks that share their keys are scored in one matmul, and blocks that share their values pooled
+    in one: on a CPU a (B, 2H, N) batched matmul costs about what one block's (B, H, N) does."""
 
     SIDES = {"b": ("h", "h", "h"), "m": ("z", "z", "z"), "m2b": ("z", "z", "h"), "b2m": ("h", "h", "z")}
 
     def __init__(self, blocks: tuple[str, ...], h_dim: int, z_dim: int, dim: int, heads: int):
         super().__init__()
         width = {"h": h_dim, "z": z_dim}
+        self.heads = heads
         self.blocks = nn.ModuleDict(
             {name: TargetAttention(*(width[side] for side in self.SIDES[name]), dim, heads) for name in blocks}
         )
+        self.sharing = [{side: [n for n in blocks if self.SIDES[n][role] == side] for side in ("h", "z")} for role in (1, 2)]
 
     def forward(self, h_cand, h_seq, z_cand, z_seq, mask) -> torch.Tensor:
         cand, seq = {"h": h_cand, "z": z_cand}, {"h": h_seq, "z": z_seq}
-        outputs = []
-        for name, block in self.blocks.items():
-            q_side, k_side, v_side = self.SIDES[name]
-            outputs.append(block(cand[q_side], seq[k_side], seq[v_side], mask))
-        return torch.cat(outputs, dim=-1)
+        sharing_keys, sharing_values = self.sharing
+        weights: dict[str, torch.Tensor] = {}  # per block, (B, H, N)
+        for side, names in sharing_keys.items():
+            if names:
+                queries = torch.cat([self.blocks[n].query_in_keys(cand[self.SIDES[n][0]]) for n in names], dim=1)  # (B, H * blocks, key_dim)
+                weights.update(zip(names, attention_weights(queries, seq[side], mask).split(self.heads, dim=1)))
+        pooled: dict[str, torch.Tensor] = {}  # per block, (B, H, value_dim)
+        for side, names in sharing_values.items():
+            if names:
+                together = torch.bmm(torch.cat([weights[n] for n in names], dim=1), seq[side])  # (B, H * blocks, value_dim)
+                pooled.update(zip(names, together.split(self.heads, dim=1)))
+        return torch.cat([block.output(pooled[name], weights[name]) for name, block in self.blocks.items()], dim=-1)
