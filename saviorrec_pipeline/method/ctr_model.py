@@ -261,19 +261,18 @@ class BiDirectionalTargetAttention(nn.Module):
         self.blocks = nn.ModuleDict(
             {name: TargetAttention(*(width[side] for side in self.SIDES[name]), dim, heads) for name in blocks}
         )
-        self.sharing_keys = {side: [n for n in blocks if self.SIDES[n][1] == side] for side in ("h", "z")}
-        self.sharing_values = {side: [n for n in blocks if self.SIDES[n][2] == side] for side in ("h", "z")}
+        # Per side, the blocks whose keys (values) come from it; sides no block reads are left out.
+        self.sharing_keys = {side: names for side in ("h", "z") if (names := [n for n in blocks if self.SIDES[n][1] == side])}
+        self.sharing_values = {side: names for side in ("h", "z") if (names := [n for n in blocks if self.SIDES[n][2] == side])}
 
     def forward(self, h_cand, h_seq, z_cand, z_seq, mask) -> torch.Tensor:
         cand, seq = {"h": h_cand, "z": z_cand}, {"h": h_seq, "z": z_seq}
         weights: dict[str, torch.Tensor] = {}  # per block, (B, H, N)
         for side, names in self.sharing_keys.items():
-            if names:
-                queries = torch.cat([self.blocks[n].query_in_keys(cand[self.SIDES[n][0]]) for n in names], dim=1)  # (B, H * blocks, key_dim)
-                weights.update(zip(names, attention_weights(queries, seq[side], mask).split(self.heads, dim=1)))
+            queries = torch.cat([self.blocks[n].query_in_keys(cand[self.SIDES[n][0]]) for n in names], dim=1)  # (B, H * blocks, key_dim)
+            weights.update(zip(names, attention_weights(queries, seq[side], mask).split(self.heads, dim=1)))
         pooled: dict[str, torch.Tensor] = {}  # per block, (B, H, value_dim)
         for side, names in self.sharing_values.items():
-            if names:
-                together = torch.bmm(torch.cat([weights[n] for n in names], dim=1), seq[side])  # (B, H * blocks, value_dim)
-                pooled.update(zip(names, together.split(self.heads, dim=1)))
+            together = torch.bmm(torch.cat([weights[n] for n in names], dim=1), seq[side])  # (B, H * blocks, value_dim)
+            pooled.update(zip(names, together.split(self.heads, dim=1)))
         return torch.cat([block.output(pooled[name], weights[name]) for name, block in self.blocks.items()], dim=-1)
