@@ -4,6 +4,7 @@ AUC in total and per item-PV bucket, and training samples/s, on data shaped unli
 
     python benchmarks/peer.py --readme                          # every shape in SHAPES; pastes peer.md into README.md
     python benchmarks/peer.py --shapes demo text_long_window    # some of them
+    python benchmarks/peer.py --shapes text_long_window --encoder-preset minilm --encoder-epochs 3   # another encoder
     python benchmarks/peer.py --raw DIR --partition 2025-07-22 --train-days 21 --eval-days 1   # your own data
 
 For each shape the demo generator writes the raw data, then the whole `saviorrec_chain` job runs on
@@ -79,10 +80,12 @@ def child_environment(home: Path, raw: Path, train_days: int, eval_days: int) ->
     }
 
 
-def compare(raw: Path, partition: str, train_days: int, eval_days: int, edges: tuple[float, ...], encoder: str, folder: Path) -> dict:
+def compare(raw: Path, partition: str, train_days: int, eval_days: int, edges: tuple[float, ...], encoder: str, folder: Path,
+            encoder_epochs: int | None = None) -> dict:
     """Run the chain and DIN in a child process (its settings come from its environment)."""
     env = child_environment(folder / "home", raw, train_days, eval_days)
     command = [sys.executable, __file__, "--child", partition, "--pv-edges", *map(str, edges), "--encoder-preset", encoder]
+    command += [] if encoder_epochs is None else ["--encoder-epochs", str(encoder_epochs)]
     child = subprocess.run(command, env=env, capture_output=True, text=True)
     (folder / "child.log").write_text(child.stdout + child.stderr)
     if child.returncode != 0:
@@ -90,7 +93,7 @@ def compare(raw: Path, partition: str, train_days: int, eval_days: int, edges: t
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dict:
+def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str, encoder_epochs: int | None) -> dict:
     """In the child: the whole chain for `partition`, then DIN on its rows for each variant's epochs."""
     import dagster as dg
 
@@ -101,7 +104,8 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dic
     from saviorrec_pipeline.settings import load_settings
 
     with dg.DagsterInstance.get() as instance:
-        run_config = {"ops": {"item_encoder": {"config": {"preset": encoder}}, "auc_report": {"config": {"pv_edges": list(edges)}}}}
+        encoder_config = {"preset": encoder} | ({} if encoder_epochs is None else {"epochs": encoder_epochs})
+        run_config = {"ops": {"item_encoder": {"config": encoder_config}, "auc_report": {"config": {"pv_edges": list(edges)}}}}
         result = defs.get_job_def("saviorrec_chain").execute_in_process(
             partition_key=partition, instance=instance, run_config=run_config, raise_on_error=False
         )
@@ -131,6 +135,7 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str) -> dic
     retrieval = storage.read("i2i_retrieval", partition)
     return {
         "encoder_preset": encoder,
+        "encoder_epochs": metadata["item_encoder"]["epochs"].value,
         "encoder_seconds": metadata["item_encoder"]["seconds"].value,
         "hit_rate": {row["variant"]: row["hit_rate"] for row in retrieval.iter_rows(named=True)},
         "k": retrieval["k"][0],
@@ -174,7 +179,8 @@ def markdown(report: dict) -> str:
         lines += [f"**{name}**: {result['about']}; {result['train_rows']:,} training and {result['eval_rows']:,} evaluation rows, "
                   f"evaluation CTR {result['eval_ctr']:.1%}; epochs chosen: "
                   + ", ".join(f"{v} {e}" for v, e in result["epochs"].items())
-                  + f". Encoder `{result['encoder_preset']}` ({result['encoder_seconds']:.0f} s to train), i2i Hit@{result['k']}: {hits}; "
+                  + f". Encoder `{result['encoder_preset']}` ({result['encoder_epochs']} epochs, {result['encoder_seconds']:.0f} s to train), "
+                  f"i2i Hit@{result['k']}: {hits}; "
                   f"whole run {result['seconds']} s.", ""]
         lines.append("| model | " + " | ".join(f"{b} ({counts[b][0]:,} / {counts[b][1]:,})" for b in buckets) + " | train samples/s |")
         lines.append("|---|" + "--:|" * (len(buckets) + 1))
@@ -199,13 +205,14 @@ def main() -> None:
     parser.add_argument("--eval-days", type=int, default=1)
     parser.add_argument("--pv-edges", type=float, nargs="+", default=list(DEMO_PV_EDGES))
     parser.add_argument("--encoder-preset", default="tiny", choices=["tiny", "minilm", "paper"], help="item_encoder's preset")
+    parser.add_argument("--encoder-epochs", type=int, help="item_encoder's epochs (default: the preset's)")
     parser.add_argument("--out", type=Path, default=RESULTS / "peer.json", help="the markdown goes beside it (.md)")
     parser.add_argument("--readme", action="store_true", help="paste the markdown into README.md's quality section")
     parser.add_argument("--child", metavar="PARTITION", help=argparse.SUPPRESS)
     args = parser.parse_args()
     edges = tuple(args.pv_edges)
     if args.child:
-        print(json.dumps(chain_and_din(args.child, edges, args.encoder_preset)))
+        print(json.dumps(chain_and_din(args.child, edges, args.encoder_preset, args.encoder_epochs)))
         return
 
     shapes = {}
@@ -224,7 +231,7 @@ def main() -> None:
         for name, (raw, partition, train_days, eval_days, about) in runs.items():
             started = dt.datetime.now()
             try:
-                result = compare(raw, partition, train_days, eval_days, edges, args.encoder_preset, Path(folder) / name)
+                result = compare(raw, partition, train_days, eval_days, edges, args.encoder_preset, Path(folder) / name, args.encoder_epochs)
             except RuntimeError as error:  # the other shapes still run and are reported
                 print(error, file=sys.stderr, flush=True)
                 failed[name] = str(error).splitlines()[0]

@@ -378,7 +378,9 @@ def test_whole_chain_at_default_encoder_settings_on_a_catalog_with_one_modality(
     result = dg.materialize(all_assets, partition_key=EVAL_DAY, resources=resources, run_config={"ops": small})
     assert result.success
     skipped = f"skipped: {reason}"
-    assert result.asset_materializations_for_node("item_encoder")[0].metadata["domain_adaptation"].value == skipped
+    encoder_metadata = result.asset_materializations_for_node("item_encoder")[0].metadata
+    assert encoder_metadata["domain_adaptation"].value == skipped
+    assert encoder_metadata["epochs"].value == TRAIN_PRESETS["tiny"].epochs
 
     storage = resources["parquet_io_manager"].storage
     reference = storage.read("item_encoder", EVAL_DAY)

@@ -182,6 +182,7 @@ def item_encoder(
             "model": f"{ENCODER_MODEL} v{version}",
             "device": str(device_for_training()),
             "pairs": len(pairs),
+            "epochs": training.epochs,
             "domain_adaptation": domain_adaptation,
             "resumed_from": resumed,
             "loss_first_epoch": round(history[0], 4),
