@@ -154,7 +154,8 @@ def test_ctr_training_resumes_to_the_same_model(variant):
 @pytest.mark.parametrize("phase", ["selection", "ctr"], ids=["while-choosing-epochs", "in-final-training"])
 def test_ctr_training_with_chosen_epochs_resumes_to_the_same_model(phase):
     rows = _ctr_rows()
-    settings = CTRTrainConfig(max_epochs=4, batch_size=256, sequence_length=5)
+    # At 0.01 these rows take more than one epoch, so both phases have epochs left after the kill.
+    settings = CTRTrainConfig(max_epochs=4, batch_size=256, sequence_length=5, lr_start=0.01, lr_end=0.01)
 
     def train(store):
         model = ctr_model("base")

@@ -1,5 +1,6 @@
-"""Ranking rows -> tensors, and the CTR training loop (paper 4.1.4: Adagrad at lr 0.01, batch 1024,
-BCE of eq. 17), its length chosen by early stopping on the latest training rows.
+"""Ranking rows -> tensors, and the CTR training loop (paper 4.1.4: Adagrad, batch 1024, BCE of
+eq. 17), its length chosen by early stopping on the latest training rows, the weights kept being a
+moving average of the steps'.
 
 Sequences stay flat (one array of all sequence items plus offsets) and are padded per batch, so
 memory grows with the clicks the rows hold, not with rows x N.
@@ -13,6 +14,8 @@ import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from saviorrec_pipeline.method.ctr_model import Batch, CTRModel
 from saviorrec_pipeline.method.encoder_training import deterministic_on_cpu
@@ -131,10 +134,16 @@ class CTRTrainConfig:
     max_epochs: int = 10  # early stopping's budget
     validation_fraction: float = 0.1  # the latest training rows, held out to pick the epochs
     batch_size: int = 1024
-    lr_start: float = 0.01
+    # Three times the paper's 0.01: with the weights averaged (below) the larger steps no longer
+    # overshoot, and they reach a better model in fewer epochs on every benchmark shape.
+    lr_start: float = 0.03
     # The paper decays Adagrad's rate to 0.001; within one day's training that cost base 0.7 to 1.9
     # AUC points on the benchmark shapes, and Adagrad's own step sizes shrink anyway: constant by default.
-    lr_end: float = 0.01
+    lr_end: float = 0.03
+    # The weights scored, selected and kept are an exponential moving average over about
+    # 1 / (1 - decay) steps (0: the last step's): constant-rate Adagrad's last weights are noisy,
+    # and so is the held-out curve that picks the epochs.
+    average_decay: float = 0.99
     sequence_length: int = 50
     seed: int = 0
 
@@ -178,7 +187,8 @@ def train_ctr(
     on_epoch: Callable[[str, int, dict[str, float]], None] | None = None, checkpoints: CheckpointStore | None = None,
 ) -> CTRTraining:
     """BCE (eq. 17) with Adagrad, the learning rate going geometrically from lr_start to lr_end
-    over the epoch budget (`epochs`, or `max_epochs` when early stopping picks them).
+    over the epoch budget (`epochs`, or `max_epochs` when early stopping picks them). Each epoch is
+    scored, and the model ends, with the moving average of the weights (`average_decay`).
 
     With `epochs` unset, the number of epochs fits the data: a first run trains on all but the
     latest `validation_fraction` of the rows and scores that slice after each epoch, stopping once
@@ -206,6 +216,20 @@ def train_ctr(
     return CTRTraining(epochs, selection, history[len(selection):], cost[0], cost[1])
 
 
+def moving_average(decay: float) -> Callable:
+    """AveragedModel's update: an exponential moving average whose decay ramps up to `decay` as
+    (1 + n) / (10 + n) after n updates, so a run of few steps is not dominated by its first weights."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
+        n = int(updates)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for mean, value in zip(averaged, current):
+            mean.lerp_(value, weight)
+
+    return update
+
+
 def _score(figures: dict[str, float]) -> float:
     """Higher is better: the held-out AUC, or minus the log loss where AUC is undefined."""
     return figures["validation_auc"] if "validation_auc" in figures else -figures["validation_logloss"]
@@ -225,13 +249,15 @@ def _run(
     per-epoch figures (checkpoints hold both, so a resumed run knows what was selected)."""
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.Adagrad(model.parameters(), lr=settings.lr_start)
+    average = AveragedModel(model, multi_avg_fn=moving_average(settings.average_decay))
+    state = nn.ModuleDict({"model": model, "average": average})  # what a checkpoint saves
     steps_per_epoch = max(1, -(-len(train) // settings.batch_size))
     total = (settings.epochs or settings.max_epochs) * steps_per_epoch
     ratio = settings.lr_end / settings.lr_start
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (min(step, total - 1) / max(total - 1, 1)))
     history, first_epoch = list(earlier), 0
     if saved is not None:
-        saved.restore(model, optimizer, generator, schedule)
+        saved.restore(state, optimizer, generator, schedule)
         history, first_epoch = saved.history, saved.epochs_done
     prefix = "validation" if phase == "selection" else "eval"
     # Adagrad builds its sparse updates of the embedding tables from coalesced gradients, valid by
@@ -250,20 +276,22 @@ def _run(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                average.update_parameters(model)
                 schedule.step()
                 loss_sum += value * len(index)
             cost[0] += len(train)
             cost[1] += time.perf_counter() - started
             figures = {"train_logloss": loss_sum / max(len(train), 1), "lr": schedule.get_last_lr()[0]}
             if scored is not None and len(scored):
-                scores = predict(model, scored, settings.sequence_length, device)
+                scores = predict(average.module, scored, settings.sequence_length, device)
                 figures[f"{prefix}_logloss"] = F.binary_cross_entropy(torch.from_numpy(scores).clamp(1e-7, 1 - 1e-7), scored.label).item()
                 auc = roc_auc(scored.label.numpy(), scores)
                 if auc is not None:
                     figures[f"{prefix}_auc"] = auc
             history.append(figures)
             if checkpoints is not None:
-                checkpoints.write(Checkpoint.capture(phase, epoch + 1, history, model, optimizer, generator, schedule).to_bytes())
+                checkpoints.write(Checkpoint.capture(phase, epoch + 1, history, state, optimizer, generator, schedule).to_bytes())
             if on_epoch:
                 on_epoch(phase, epoch, figures)
+    model.load_state_dict(average.module.state_dict())
     return history
