@@ -39,8 +39,8 @@ NOT_PROFILE = {
 
 
 class CTRModelConfig(dg.Config):
-    """Paper 4.1.4 defaults (Adagrad, batch 1024, 8 attention heads) but the rate, 0.03 with the
-    weights averaged; epochs by early stopping."""
+    """Paper 4.1.4 defaults (Adagrad, batch 1024, 8 attention heads) except the rate: 0.03, with
+    the weights averaged; epochs by early stopping."""
 
     preset: Literal["main", "ablation"] = Field(default="main", description="main: base + saviorrec; ablation: all five (Table 3)")
     variants: list[str] | None = Field(default=None, description=f"overrides the preset; any of {list(VARIANTS)}")
