@@ -25,7 +25,7 @@ import torch
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
 from saviorrec_pipeline.method.ctr_training import CTRTrainConfig, ItemIndex, encode_rows, profile_vocabularies, train_ctr
-from saviorrec_pipeline.method.encoder_training import device_for_training
+from saviorrec_pipeline.method.device import device_for_training
 
 from measure import comparison, measured  # benchmarks/, beside this script
 from ranking import polars_rows

@@ -22,8 +22,10 @@ import numpy as np
 import psutil
 import torch
 
-from saviorrec_pipeline.method.encoder import clip_loss, info_nce, preset
-from saviorrec_pipeline.method.encoder_training import CatalogTensors, build_model, device_for_training, embed_catalog
+from saviorrec_pipeline import presets
+from saviorrec_pipeline.method.encoder import clip_loss, info_nce
+from saviorrec_pipeline.method.device import device_for_training
+from saviorrec_pipeline.method.encoder_training import CatalogTensors, build_model, embed_catalog
 
 from measure import comparison, measured  # benchmarks/, beside this script
 from report import write_report
@@ -72,7 +74,7 @@ def _timed_steps(step, steps: int, device: torch.device) -> dict:
 def measure(name: str, batch: int, steps: int, items: int) -> tuple[dict, dict]:
     """One size: the training run (`steps` batches of `batch` pairs) and the embedding run (`items`)."""
     device = device_for_training()
-    config = preset(name)
+    config, _ = presets.encoder(name)
     model = build_model(config, seed=0).to(device).train()
     catalog = synthetic_catalog(items, config.vision["image_size"], config.text["context_length"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -24,8 +24,8 @@ import numpy as np
 import psutil
 import torch
 
-from saviorrec_pipeline.assets.semantic_ids import PRESETS
-from saviorrec_pipeline.method.encoder_training import device_for_training
+from saviorrec_pipeline import presets
+from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, assign_codes, train_rqvae
 
 from measure import comparison, measured, peak_rss_mib, reset_peak_rss  # benchmarks/, beside this script
@@ -61,8 +61,7 @@ def run(preset: str, item_counts: list[int], train_item_counts: list[int], sinkh
     """The report: training at each of `train_item_counts`, assignment at each of `item_counts` with
     the models trained on the most training items."""
     device = device_for_training()
-    shape, training = PRESETS[preset]
-    config = RQVAEConfig(input_dim=64, **shape)
+    config, training = presets.rqvae(preset, input_dim=64)
     z = embeddings(max(item_counts + train_item_counts))
     training_runs = []
     for n in sorted(train_item_counts):
@@ -102,7 +101,7 @@ def run(preset: str, item_counts: list[int], train_item_counts: list[int], sinkh
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--preset", choices=presets.names("rqvae"), default="tiny")
     parser.add_argument("--items", type=int, nargs="+", default=[250_000, 1_000_000], help="items to assign codes to, one size each")
     parser.add_argument("--train-items", type=int, nargs="+", default=[25_000, 100_000], help="items to train on, one size each")
     parser.add_argument("--skip-sinkhorn", action="store_true", help="leave out the Sinkhorn assignment")

@@ -1,10 +1,6 @@
-"""The chain job and the concurrency pool of the training stages."""
+"""The chain job."""
 
 import dagster as dg
-
-# Stages that train a model carry this pool; dagster.yaml limits it to one step at a time, so two
-# trainings never share the machine, whether in one run or in several.
-TRAINING_POOL = "training"
 
 chain_job = dg.define_asset_job(
     "saviorrec_chain",

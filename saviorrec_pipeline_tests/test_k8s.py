@@ -23,7 +23,7 @@ from dagster_k8s import K8sRunLauncher, k8s_job_executor
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from kubernetes import client as k8s
 
-from saviorrec_pipeline.jobs import TRAINING_POOL
+from saviorrec_pipeline.assets.common import TRAINING_POOL
 from saviorrec_pipeline_tests.deployment_files import REPO, env_example
 from saviorrec_pipeline_tests.services import isolated_environ
 

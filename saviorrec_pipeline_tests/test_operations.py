@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from saviorrec_pipeline.definitions import defs
-from saviorrec_pipeline.jobs import TRAINING_POOL
+from saviorrec_pipeline.assets.common import TRAINING_POOL
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.sensors import raw_day_landed
 from saviorrec_pipeline_tests.deployment_files import REPO

@@ -23,7 +23,8 @@ from saviorrec_pipeline.demo import generate_demo
 from saviorrec_pipeline.method.ctr_training import CTRTrainConfig, EncodedRows, train_ctr
 from saviorrec_pipeline.method.encoder_training import TrainConfig, build_model, catalog_tensors, train_alignment, train_domain_adaptation
 from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, train_rqvae
-from saviorrec_pipeline.method.training_loop import Checkpoint, NonFiniteLoss, fingerprint
+from saviorrec_pipeline.checkpoints import Checkpoint, fingerprint
+from saviorrec_pipeline.method.training import NonFiniteLoss
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 from saviorrec_pipeline_tests.services import executable, project_env, stop, wait_until
 from saviorrec_pipeline_tests.test_ctr_model import _model as ctr_model
@@ -233,7 +234,7 @@ def _saved_epoch(folder: Path) -> tuple[str, int] | None:
 def _encoder_weights(home: Path) -> dict[str, torch.Tensor]:
     reference = pl.read_parquet(home / "storage" / "item_encoder" / f"{EVAL_DAY}.parquet")
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{home}/mlflow/mlflow.db", artifact_root=str(home / "mlflow" / "artifacts"))
-    return tracking.load_model_files(reference["artifact_uri"][0], CONFIG)[1]
+    return tracking.load_model_files(reference["model_uri"][0], CONFIG)[1]
 
 
 def test_a_killed_materialization_resumes_from_its_last_checkpoint(demo_raw, tmp_path):
@@ -291,7 +292,7 @@ def test_a_diverging_encoder_fails_its_stage_and_registers_nothing(demo_raw, tmp
     assert not Path(storage.uri("item_encoder", EVAL_DAY)).exists()
     checkpoints = Path(storage.root, "checkpoints", "item_encoder", EVAL_DAY)
     kept = [Checkpoint.from_bytes(path.read_bytes()) for path in checkpoints.glob("*.safetensors")]
-    assert kept and all(np.isfinite(saved.history).all() for saved in kept)  # the finished epochs only
+    assert kept and all(np.isfinite([list(figures.values()) for figures in saved.history]).all() for saved in kept)  # the finished epochs only
 
     recovered = dg.materialize(
         [impressions, coclick_pairs, item_encoder], partition_key=EVAL_DAY, resources=resources,

@@ -37,8 +37,8 @@ from saviorrec_pipeline.assets.semantic_ids import CONFIG as RQVAE_CONFIG
 from saviorrec_pipeline.assets.semantic_ids import RQVAE_MODEL, load_rqvae
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
-from saviorrec_pipeline.method.encoder import PRESETS
-from saviorrec_pipeline.method.encoder_training import TRAIN_PRESETS, build_model
+from saviorrec_pipeline import presets
+from saviorrec_pipeline.method.encoder_training import build_model
 from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.resources.raw import RawStore
@@ -49,6 +49,7 @@ from saviorrec_pipeline_tests.services import (
     isolated_environ, project_env, start_mlflow_server, start_seaweedfs, stop, wait_until,
 )
 
+TINY, TINY_TRAINING = presets.encoder("tiny")
 SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=4, users=150, items=120, seed=13)
 EVAL_DAY = (SPEC.start_date + dt.timedelta(days=SPEC.days - 1)).isoformat()
 FAST_ENCODER = {"epochs": 1, "batch_size": 64, "domain_adaptation_epochs": 0}
@@ -246,10 +247,10 @@ def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_p
     """The encoder (in the item_embeddings asset and directly), the RQ-VAE and the CTR model, saved as
     the stages save them, load and match their weights while every unpickling entry point raises."""
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "artifacts"))
-    encoder = build_model(PRESETS["tiny"], seed=0)
-    encoder_config = {"architecture": PRESETS["tiny"].to_dict(), "training": dataclasses.asdict(TRAIN_PRESETS["tiny"])}
-    encoder_uri, _ = _log_model(tracking, "saviorrec-item-encoder", encoder.state_dict(), encoder_config, ENCODER_CONFIG)
-    rq_config = RQVAEConfig(input_dim=PRESETS["tiny"].embedding_dim, latent_dim=8, num_levels=2, codebook_size=16, hidden_dims=(32,))
+    encoder = build_model(TINY, seed=0)
+    encoder_config = {"architecture": TINY.to_dict(), "training": dataclasses.asdict(TINY_TRAINING)}
+    _, encoder_uri = _log_model(tracking, "saviorrec-item-encoder", encoder.state_dict(), encoder_config, ENCODER_CONFIG)
+    rq_config = RQVAEConfig(input_dim=TINY.embedding_dim, latent_dim=8, num_levels=2, codebook_size=16, hidden_dims=(32,))
     rqvae = RQVAE(rq_config)
     rq_saved = {"architecture": rq_config.to_dict(), "inference_assignment": "argmin"}
     _, rqvae_uri = _log_model(tracking, RQVAE_MODEL, rqvae.state_dict(), rq_saved, RQVAE_CONFIG)
@@ -260,7 +261,7 @@ def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_p
     ctr_saved = {"architecture": ctr_config.to_dict(), "vocabularies": {}, "sequence_length": 3}
     _, ctr_uri = _log_model(tracking, CTR_MODEL, ctr.state_dict(), ctr_saved, CTR_CONFIG)
     storage = ParquetStorage(root=str(tmp_path / "storage"))
-    reference = pl.DataFrame({"artifact_uri": [encoder_uri], "model_name": ["saviorrec-item-encoder"], "model_version": ["1"]})
+    reference = pl.DataFrame({"model_uri": [encoder_uri]})
     storage.write(reference, "item_encoder", EVAL_DAY)
 
     with _unpickling_refused() as calls:
@@ -275,7 +276,7 @@ def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_p
             resources={"raw": RawStore(root=str(demo_raw)), "tracking": tracking, "parquet_io_manager": ParquetIOManager(storage=storage)},
         )
         loaded = [
-            (load_encoder(reference, tracking), encoder),
+            (load_encoder(encoder_uri, tracking), encoder),
             (load_rqvae(rqvae_uri, tracking)[0], rqvae),
             (load_ctr_model(ctr_uri, tracking)[0], ctr),
         ]

@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 import torch
 
-from saviorrec_pipeline.method.training_loop import Checkpoint
+from saviorrec_pipeline.checkpoints import Checkpoint, TrainingState
 from saviorrec_pipeline.resources.storage import ParquetStorage, filesystem
 
 
@@ -88,6 +88,6 @@ def test_saved_position_reads_a_checkpoints_phase_and_epoch_from_its_header(stor
     model(torch.ones(2, 64)).sum().backward()
     optimizer.step()
     for epoch in (1, 2, 3):
-        file.write(Checkpoint.capture("alignment", epoch, [0.5] * epoch, model, optimizer, torch.Generator()).to_bytes())
+        file.write(Checkpoint.capture("alignment", epoch, [0.5] * epoch, TrainingState(model, optimizer, torch.Generator())).to_bytes())
     assert file.saved_position() == ("alignment", 3)
     assert Checkpoint.from_bytes(file.read()).epochs_done == 3

@@ -10,6 +10,8 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from saviorrec_pipeline.assets.common import RANKING_GROUP
+from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.metrics import PAPER_PV_EDGES, auc_report as build_report, format_edges
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -26,7 +28,7 @@ class AucReportConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="ranking",
+    group_name=RANKING_GROUP,
     partitions_def=daily_partitions,
     io_manager_key="parquet_io_manager",
     ins={"ctr_model": dg.AssetIn()},
@@ -74,7 +76,7 @@ def auc_report(context: dg.AssetExecutionContext, config: AucReportConfig, ctr_m
 def markdown_table(report: pl.DataFrame, edges: tuple[float, ...]) -> str:
     """Variants as rows, buckets as columns (AUC in %, delta to base), then the bucket sizes (Table 1)."""
     buckets = report["bucket"].unique(maintain_order=True).to_list()
-    lines = [f"PV bucket edges: {format_edges(edges)}", "", "| variant | " + " | ".join(buckets) + " |", "|---" * (len(buckets) + 1) + "|"]
+    by_variant = []
     for variant in report["variant"].unique(maintain_order=True):
         rows = {r["bucket"]: r for r in report.filter(pl.col("variant") == variant).iter_rows(named=True)}
         cells = []
@@ -84,11 +86,12 @@ def markdown_table(report: pl.DataFrame, edges: tuple[float, ...]) -> str:
             if delta is not None and variant != "base":
                 cell += f" ({100 * delta:+.2f})"
             cells.append(cell)
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        by_variant.append([variant, *cells])
     first = report.filter(pl.col("variant") == report["variant"][0])
-    lines += ["", "| bucket | samples | clicks | items |", "|---|---|---|---|"]
-    lines += [f"| {r['bucket']} | {r['samples']} | {r['clicks']} | {r['items']} |" for r in first.iter_rows(named=True)]
-    return "\n".join(lines)
+    sizes = [(r["bucket"], r["samples"], r["clicks"], r["items"]) for r in first.iter_rows(named=True)]
+    return "\n\n".join([
+        f"PV bucket edges: {format_edges(edges)}", table(["variant", *buckets], by_variant), table(["bucket", "samples", "clicks", "items"], sizes)
+    ])
 
 
 def bar_chart_png(report: pl.DataFrame) -> bytes:

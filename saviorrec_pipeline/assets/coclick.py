@@ -6,6 +6,8 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from saviorrec_pipeline.assets.common import SAVIORENC_GROUP
+from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.coclick import CoclickParams, mine_coclick_pairs
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions, training_window_mapping
 from saviorrec_pipeline.profiling import track_usage
@@ -22,7 +24,7 @@ class CoclickConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="saviorenc",
+    group_name=SAVIORENC_GROUP,
     partitions_def=daily_partitions,
     deps=[dg.AssetDep("impressions", partition_mapping=training_window_mapping())],
     io_manager_key="parquet_io_manager",
@@ -56,6 +58,4 @@ def _support_table(pairs: pl.DataFrame) -> str:
         return "no pairs"
     quantiles = [0.5, 0.9, 0.99, 1.0]
     values = [pairs["support"].quantile(q, interpolation="nearest") for q in quantiles]
-    header = "| " + " | ".join(f"p{int(q * 100)}" for q in quantiles) + " | mean |"
-    row = "| " + " | ".join(str(int(v)) for v in values) + f" | {pairs['support'].mean():.2f} |"
-    return "\n".join([header, "|" + "---|" * (len(quantiles) + 1), row])
+    return table([f"p{int(q * 100)}" for q in quantiles] + ["mean"], [[int(v) for v in values] + [f"{pairs['support'].mean():.2f}"]])

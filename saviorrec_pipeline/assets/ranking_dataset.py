@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from saviorrec_pipeline.assets.common import RANKING_GROUP
 from saviorrec_pipeline.method.ranking_features import EVAL, TRAIN, FeatureSpec, build_ranking_rows
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions, full_window_mapping
 from saviorrec_pipeline.profiling import track_usage
@@ -22,7 +23,7 @@ class RankingDatasetConfig(dg.Config):
 
 
 @dg.asset(
-    group_name="ranking",
+    group_name=RANKING_GROUP,
     partitions_def=daily_partitions,
     deps=[dg.AssetDep("impressions", partition_mapping=full_window_mapping()), "item_catalog", "user_profiles"],
     io_manager_key="parquet_io_manager",

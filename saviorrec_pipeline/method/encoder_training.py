@@ -10,11 +10,8 @@ Given a `CheckpointStore`, each phase saves after every epoch and resumes from t
 import dataclasses
 import io
 import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -23,13 +20,16 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from PIL import Image
 
-from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, clip_loss, info_nce
-from saviorrec_pipeline.method.training_loop import Checkpoint, CheckpointStore, check_finite, latest_checkpoint
+from safetensors.torch import load_file
 
-# (phase, epoch, step, steps per epoch, loss) after every optimiser step
-StepCallback = Callable[[str, int, int, int, float], None]
-# (phase, epoch, mean loss, seconds, examples) after every epoch
-EpochCallback = Callable[[str, int, float, float, int], None]
+from saviorrec_pipeline.checkpoints import CheckpointStore, TrainingState, fingerprint, latest_checkpoint
+from saviorrec_pipeline.method.device import autocast, device_for_training
+from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, clip_loss, info_nce
+from saviorrec_pipeline.method.item_rows import pair_rows
+from saviorrec_pipeline.method.training import EpochReport, Steps, StepReport, train_epochs
+
+OnStep = Callable[[StepReport], None]
+OnEpoch = Callable[[EpochReport], None]
 PHASES = ("domain_adaptation", "alignment")  # in training order
 
 
@@ -43,15 +43,6 @@ class TrainConfig:
     temperature: float = 0.07
     domain_adaptation_epochs: int = 0  # 0: no domain-adaptation phase
     seed: int = 0
-
-
-# Training defaults per preset: the paper's (4.1.4) for `paper`; `tiny` learns in minutes on CPU,
-# so it takes larger steps on smaller batches.
-TRAIN_PRESETS: dict[str, TrainConfig] = {
-    "paper": TrainConfig(epochs=10, batch_size=4096, lr=1e-4, domain_adaptation_epochs=1),
-    "tiny": TrainConfig(epochs=20, batch_size=512, lr=1e-3, domain_adaptation_epochs=5),
-    "minilm": TrainConfig(epochs=20, batch_size=512, lr=1e-3, domain_adaptation_epochs=5),
-}
 
 
 @dataclass
@@ -109,33 +100,6 @@ def catalog_tensors(catalog: pl.DataFrame, config: EncoderConfig) -> CatalogTens
     )
 
 
-def device_for_training() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@contextmanager
-def deterministic_on_cpu(device: torch.device) -> Iterator[None]:
-    """torch's deterministic kernels while training on the CPU, so one seed gives one model: some
-    CPU backward passes (embedding gradients) otherwise add in thread order. CUDA keeps its fast
-    kernels. torch would also fill every new tensor's memory with NaN in this mode, a debugging
-    aid that doubled the CTR step's time: no kernel used here reads memory it did not write."""
-    if device.type != "cpu":
-        yield
-        return
-    previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.utils.deterministic.fill_uninitialized_memory = previous[1]
-
-
-def _autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _optimizer(model: SaviorEnc, train: TrainConfig, steps_per_epoch: int, epochs: int):
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     warmup = max(1, round(train.warmup_epochs * steps_per_epoch))
@@ -174,7 +138,7 @@ def applicable_training(training: TrainConfig, catalog: CatalogTensors) -> tuple
 
 def train_domain_adaptation(
     model: SaviorEnc, catalog: CatalogTensors, train: TrainConfig, device: torch.device,
-    on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None, checkpoints: CheckpointStore | None = None,
+    on_step: OnStep | None = None, on_epoch: OnEpoch | None = None, checkpoints: CheckpointStore | None = None,
 ) -> list[float]:
     """CLIP image-title loss over catalog items that have both; mean loss per epoch."""
     obstacle = domain_adaptation_obstacle(catalog)
@@ -194,7 +158,7 @@ def train_domain_adaptation(
 
 def train_alignment(
     model: SaviorEnc, catalog: CatalogTensors, pair_rows: np.ndarray, train: TrainConfig, device: torch.device,
-    on_step: StepCallback | None = None, on_epoch: EpochCallback | None = None, checkpoints: CheckpointStore | None = None,
+    on_step: OnStep | None = None, on_epoch: OnEpoch | None = None, checkpoints: CheckpointStore | None = None,
 ) -> list[float]:
     """InfoNCE (eq. 3) over co-click pairs given as catalog row indices (pairs x 2)."""
     if len(pair_rows) < 2:
@@ -224,41 +188,27 @@ def full_batches(examples: int, batch_size: int) -> tuple[int, int]:
 
 def _run_phase(
     phase: str, model: SaviorEnc, examples: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor],
-    train: TrainConfig, epochs: int, device: torch.device, on_step: StepCallback | None, on_epoch: EpochCallback | None,
+    train: TrainConfig, epochs: int, device: torch.device, on_step: OnStep | None, on_epoch: OnEpoch | None,
     checkpoints: CheckpointStore | None,
 ) -> list[float]:
-    generator = torch.Generator().manual_seed(train.seed)
-    batch_size, steps = full_batches(len(examples), train.batch_size)
-    optimizer, schedule = _optimizer(model, train, steps, epochs)
-    model.to(device).train()
-    history, first_epoch = [], 0
+    """One phase's mean loss per epoch; [] when the checkpoint is of a later phase (this one is
+    done, and its weights are in that checkpoint)."""
     saved = latest_checkpoint(checkpoints)
     if saved is not None and PHASES.index(saved.phase) > PHASES.index(phase):
-        return []  # a later phase had begun: this one is done, and its weights are in that checkpoint
-    if saved is not None and saved.phase == phase:
-        saved.restore(model, optimizer, generator, schedule)
-        history, first_epoch = saved.history, saved.epochs_done
-    for epoch in range(first_epoch, epochs):
-        start, total = time.perf_counter(), 0.0
+        return []
+    batch_size, steps = full_batches(len(examples), train.batch_size)
+    optimizer, schedule = _optimizer(model, train, steps, epochs)
+    state = TrainingState(model.to(device), optimizer, torch.Generator().manual_seed(train.seed), schedule)
+
+    def batches(generator: torch.Generator) -> list[torch.Tensor]:
         order = examples[torch.randperm(len(examples), generator=generator)]
-        for step in range(steps):
-            with _autocast(device):
-                loss = loss_of(order[step * batch_size : (step + 1) * batch_size])
-            value = check_finite(loss.item(), phase, epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += value
-            if on_step:
-                on_step(phase, epoch, step, steps, value)
-        history.append(total / steps)
-        if checkpoints is not None:
-            checkpoints.write(Checkpoint.capture(phase, epoch + 1, history, model, optimizer, generator, schedule).to_bytes())
-        if on_epoch:
-            on_epoch(phase, epoch, history[-1], time.perf_counter() - start, steps * batch_size)
-    model.eval()
-    return history
+        return [order[step * batch_size : (step + 1) * batch_size] for step in range(steps)]
+
+    history = train_epochs(
+        phase, state, Steps(batches, loss_of), epochs, device=device, mixed_precision=True, checkpoints=checkpoints,
+        resume=saved if saved is not None and saved.phase == phase else None, on_step=on_step, on_epoch=on_epoch,
+    )
+    return [figures["loss"] for figures in history]
 
 
 @torch.no_grad()
@@ -268,7 +218,7 @@ def embed_catalog(model: SaviorEnc, catalog: CatalogTensors, device: torch.devic
     out = np.empty((len(catalog), model.config.embedding_dim), dtype=np.float32)
     for start in range(0, len(catalog), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(catalog)))
-        with _autocast(device):
+        with autocast(device):
             z = model(*catalog.batch(rows, device))
         out[start : start + len(rows)] = torch.nn.functional.normalize(z.float(), dim=-1).cpu().numpy()
     return out
@@ -278,3 +228,61 @@ def build_model(config: EncoderConfig, seed: int) -> SaviorEnc:
     """The same seed gives the same initial weights: the untuned baseline shares them."""
     torch.manual_seed(seed)
     return SaviorEnc(config)
+
+
+@dataclass
+class TrainedEncoder:
+    model: SaviorEnc
+    training: TrainConfig  # as it ran: without domain adaptation where the catalog cannot have it
+    domain_adaptation: str  # what became of that phase, in words
+    history: list[float]  # i2i alignment's mean loss per epoch
+    pairs: int  # co-click pairs that name catalog items
+    items: int
+    pairs_trained: int  # passed through alignment's optimiser steps
+
+
+def domain_adaptation_note(training: TrainConfig, skipped_because: str | None) -> str:
+    if skipped_because:
+        return f"skipped: {skipped_because}"
+    return f"{training.domain_adaptation_epochs} epoch(s)" if training.domain_adaptation_epochs else "off (domain_adaptation_epochs 0)"
+
+
+def train_item_encoder(
+    catalog: pl.DataFrame, coclick_pairs: pl.DataFrame, architecture: EncoderConfig, training: TrainConfig, *,
+    initial_weights: str | None = None, checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None,
+    on_step: OnStep | None = None, on_epoch: OnEpoch | None = None, where: str = "", catalog_source: str = "the item catalog",
+) -> TrainedEncoder:
+    """SaviorEnc stage 1 on a catalog and its co-click pairs: the domain-adaptation phase where
+    enabled and the catalog allows it, then i2i alignment; from `initial_weights` (a safetensors
+    file) or the seed's initialisation. `checkpoints(run_key)` gives the place of the run whose
+    inputs and settings have that fingerprint; `where` and `catalog_source` name the inputs in errors."""
+    if coclick_pairs.is_empty():
+        raise ValueError(
+            f"coclick_pairs{where} is empty: no item pairs to align the encoder on "
+            "(lower coclick_pairs' min_support, or check that the training window has clicks)"
+        )
+    tensors = catalog_tensors(catalog, architecture)
+    training, skipped_because = applicable_training(training, tensors)
+    pairs = pair_rows(coclick_pairs, tensors.item_ids)
+    if len(pairs) < 2:
+        raise ValueError(f"only {len(pairs)} of {coclick_pairs.height} co-click pairs name catalog items: check that {catalog_source} holds the clicked items")
+    store = checkpoints(fingerprint(architecture.to_dict(), training, initial_weights, pairs, tensors.item_ids, tensors.images, tensors.tokens))
+    model = build_model(architecture, training.seed)
+    if initial_weights:
+        model.load_state_dict(load_file(initial_weights))
+    device = device_for_training()
+    if training.domain_adaptation_epochs:
+        train_domain_adaptation(model, tensors, training, device, on_step, on_epoch, store)
+    history = train_alignment(model, tensors, pairs, training, device, on_step, on_epoch, store) if training.epochs else []
+    batch, steps = full_batches(len(pairs), training.batch_size)
+    note = domain_adaptation_note(training, skipped_because)
+    return TrainedEncoder(model, training, note, history, len(pairs), len(tensors), training.epochs * steps * batch)
+
+
+def embedding_table(model: SaviorEnc, catalog: pl.DataFrame) -> tuple[pl.DataFrame, CatalogTensors]:
+    """(item_id, embedding) for every catalog item, cold ones included, and the catalog as the
+    model saw it (which items had an image, a title)."""
+    tensors = catalog_tensors(catalog, model.config)
+    vectors = embed_catalog(model, tensors, device_for_training())
+    table = pl.DataFrame({"item_id": tensors.item_ids, "embedding": pl.Series(vectors, dtype=pl.Array(pl.Float32, vectors.shape[1]))})
+    return table, tensors

@@ -18,3 +18,9 @@ def with_item_rows(frame: pl.DataFrame, item_ids: np.ndarray, columns: tuple[str
 def pair_rows(pairs: pl.DataFrame, item_ids: np.ndarray) -> np.ndarray:
     """Co-click pairs (`item_a`, `item_b`) as (pairs, 2) row positions in `item_ids`."""
     return with_item_rows(pairs, item_ids, ("item_a", "item_b")).select("item_a_row", "item_b_row").to_numpy()
+
+
+def embedding_matrix(item_embeddings: pl.DataFrame) -> np.ndarray:
+    """An `item_embeddings` table's vectors as one (items, d) float32 array, in row order. A
+    writable copy: Polars hands out a read-only view, which torch warns about."""
+    return np.array(item_embeddings["embedding"].to_numpy(), dtype=np.float32, order="C")

@@ -6,12 +6,17 @@ are retrieved from the whole catalog with faiss; a hit is `next` among them. Pai
 click repeats the query, or whose items have no embedding, are not counted.
 """
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 import polars as pl
 
+from saviorrec_pipeline.method.device import device_for_training
+from saviorrec_pipeline.method.encoder import SaviorEnc
+from saviorrec_pipeline.method.encoder_training import TrainConfig, applicable_training, catalog_tensors, embed_catalog, train_item_encoder
 from saviorrec_pipeline.method.item_rows import with_item_rows
 
 
@@ -59,3 +64,48 @@ def hit_at_k(item_ids: np.ndarray, embeddings: np.ndarray, pairs: pl.DataFrame, 
     position = np.searchsorted(queries, rows["query_row"].to_numpy())
     hits = (kept[position] == rows["next_row"].to_numpy()[:, None]).any(axis=1)
     return HitRate(k, len(rows), int(hits.sum()))
+
+
+TABLE4_VARIANTS = (  # (name, domain adaptation, i2i alignment)
+    ("untuned", False, False),
+    ("domain_adaptation", True, False),
+    ("i2i_alignment", False, True),
+    ("both", True, True),
+)
+TABLE4_SCHEMA = {
+    "variant": pl.String, "domain_adaptation": pl.Boolean, "i2i_alignment": pl.Boolean, "k": pl.Int64,
+    "queries": pl.Int64, "hits": pl.Int64, "hit_rate": pl.Float64, "note": pl.String,
+}
+
+
+def table_4(
+    catalog: pl.DataFrame, coclick_pairs: pl.DataFrame, queries: pl.DataFrame, registered: SaviorEnc,
+    base_training: TrainConfig, initial_weights: str | None, k: int, log: Callable[[str], None] = print,
+) -> pl.DataFrame:
+    """Hit@K of every encoder training variant of Table 4, from the same start and seed as the
+    `registered` encoder (trained with `base_training`): a variant whose training is that one is the
+    registered model, the others are trained here. A variant that needs domain adaptation on a
+    catalog that cannot have it does not apply: its row says why instead of a rate."""
+    tensors = catalog_tensors(catalog, registered.config)
+    rows = []
+    for name, adapt, align in TABLE4_VARIANTS:
+        wanted = dataclasses.replace(
+            base_training,
+            domain_adaptation_epochs=(base_training.domain_adaptation_epochs or 1) if adapt else 0,
+            epochs=base_training.epochs if align else 0,
+        )
+        training, skipped_because = applicable_training(wanted, tensors)
+        if skipped_because:
+            # Without its domain adaptation it would be another row's training: it does not apply.
+            log(f"Table 4 variant {name}: n/a, {skipped_because}")
+            rows.append((name, adapt, align, k, None, None, None, f"n/a: {skipped_because}"))
+            continue
+        if training == base_training:
+            log(f"Table 4 variant {name}: the registered encoder")
+            model = registered
+        else:
+            log(f"Table 4 variant {name}: training {training.domain_adaptation_epochs} DA + {training.epochs} i2i epochs")
+            model = train_item_encoder(catalog, coclick_pairs, registered.config, training, initial_weights=initial_weights).model
+        result = hit_at_k(tensors.item_ids, embed_catalog(model, tensors, device_for_training()), queries, k)
+        rows.append((name, adapt, align, k, result.queries, result.hits, result.hit_rate, None))
+    return pl.DataFrame(rows, schema=TABLE4_SCHEMA, orient="row")

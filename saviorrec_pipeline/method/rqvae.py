@@ -21,6 +21,7 @@ Together these took the demo's collision rate from 0.9 to below faiss' ResidualQ
 
 import dataclasses
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Literal
 
 import faiss
@@ -30,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saviorrec_pipeline.checkpoints import CheckpointStore, TrainingState, fingerprint, latest_checkpoint
+from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import info_nce
-from saviorrec_pipeline.method.training_loop import Checkpoint, CheckpointStore, check_finite, latest_checkpoint
+from saviorrec_pipeline.method.training import EpochReport, Figures, Steps, train_epochs
 
 Assignment = Literal["argmin", "sinkhorn"]
 
@@ -223,69 +226,56 @@ class RQVAETrainConfig:
 
 
 def train_rqvae(
-    model: RQVAE, z: torch.Tensor, pairs: np.ndarray, train: RQVAETrainConfig, device: torch.device, on_epoch=None,
-    checkpoints: CheckpointStore | None = None,
-) -> list[dict[str, float]]:
+    model: RQVAE, z: torch.Tensor, pairs: np.ndarray, train: RQVAETrainConfig, device: torch.device,
+    on_epoch: Callable[[EpochReport], None] | None = None, checkpoints: CheckpointStore | None = None,
+) -> list[Figures]:
     """The whole recipe: fit the input scaling, warm the autoencoder up, initialise the codebooks by
     k-means, then train eq. 5 with Adam over shuffled item batches; each step also takes a batch of
     co-click pairs (rows of z). Returns one dict of figures per RQ epoch. Given a `CheckpointStore`,
     saves after every RQ epoch and resumes from the latest save (scaling, warmup and k-means are
     in the saved weights)."""
-    generator = torch.Generator().manual_seed(train.seed)
-    model.to(device).train()
     z = z.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+    state = TrainingState(model.to(device), torch.optim.Adam(model.parameters(), lr=train.lr), torch.Generator().manual_seed(train.seed))
     batch = min(train.batch_size, len(z))
     steps = max(1, len(z) // batch)
 
-    def batches():
+    def batches(generator: torch.Generator) -> list[torch.Tensor]:
         order = torch.randperm(len(z), generator=generator)
         return [order[step * batch : (step + 1) * batch] for step in range(steps)]
 
-    history, first_epoch = [], 0
     saved = latest_checkpoint(checkpoints)
-    if saved is not None:
-        saved.restore(model, optimizer, generator)
-        history, first_epoch = saved.history, saved.epochs_done
-    else:
+    if saved is None:
         model.fit_input_scaling(z)
-        for epoch in range(train.warmup_epochs):
-            for step, rows in enumerate(batches()):
-                loss = F.mse_loss(model.decoder(model.encode(z[rows])), (z[rows] - model.input_mean) / model.input_scale)
-                check_finite(loss.item(), "rq-vae warmup", epoch, step)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        autoencoder = Steps(batches, lambda rows: F.mse_loss(model.decoder(model.encode(z[rows])), (z[rows] - model.input_mean) / model.input_scale))
+        train_epochs("warmup", state, autoencoder, train.warmup_epochs, label="rq-vae warmup", device=device)
         model.init_codebooks(z, seed=train.seed)
 
     pair_rows = torch.from_numpy(np.array(pairs, dtype=np.int64).reshape(-1, 2))  # a copy: pairs may be read-only
-    for epoch in range(first_epoch, train.epochs):
-        usage = torch.zeros(model.config.num_levels, model.config.codebook_size, dtype=torch.long)
-        totals: dict[str, float] = {}
-        for step, rows in enumerate(batches()):
-            pair_z = None
-            if len(pair_rows) >= 2:
-                picked = pair_rows[torch.randint(0, len(pair_rows), (min(batch, len(pair_rows)),), generator=generator)]
-                pair_z = (z[picked[:, 0]], z[picked[:, 1]])
-            loss, parts, q = rqvae_loss(
-                model, z[rows], pair_z, train.lambda_reconstruct, train.lambda_commit, train.temperature, train.assignment
-            )
-            value = check_finite(loss.item(), "rq-vae", epoch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.update_codebooks(q, train.codebook_decay)
-            usage += code_usage(q.codes.cpu(), model.config.codebook_size)
-            for key, part in {"loss": value, **parts}.items():
-                totals[key] = totals.get(key, 0.0) + part / steps
-        totals["dead_codes_reseeded"] = model.reseed_dead_codes(usage, q.residuals.detach().cpu(), generator)
-        history.append(totals)
-        if checkpoints is not None:
-            checkpoints.write(Checkpoint.capture("rq", epoch + 1, history, model, optimizer, generator).to_bytes())
-        if on_epoch:
-            on_epoch(epoch, totals)
-    model.eval()
-    return history
+    epoch_state: dict = {}  # the last step's quantisation and the epoch's code usage
+
+    def loss_of(rows: torch.Tensor) -> tuple[torch.Tensor, Figures]:
+        pair_z = None
+        if len(pair_rows) >= 2:
+            picked = pair_rows[torch.randint(0, len(pair_rows), (min(batch, len(pair_rows)),), generator=state.generator)]
+            pair_z = (z[picked[:, 0]], z[picked[:, 1]])
+        loss, parts, epoch_state["q"] = rqvae_loss(
+            model, z[rows], pair_z, train.lambda_reconstruct, train.lambda_commit, train.temperature, train.assignment
+        )
+        return loss, parts
+
+    def after_step() -> None:
+        q = epoch_state["q"]
+        model.update_codebooks(q, train.codebook_decay)
+        usage = code_usage(q.codes.cpu(), model.config.codebook_size)
+        epoch_state["usage"] = epoch_state["usage"] + usage if "usage" in epoch_state else usage
+
+    def end_epoch(figures: Figures) -> None:
+        figures["dead_codes_reseeded"] = model.reseed_dead_codes(epoch_state.pop("usage"), epoch_state["q"].residuals.detach().cpu(), state.generator)
+
+    return train_epochs(
+        "rq", state, Steps(batches, loss_of, after_step, end_epoch), train.epochs, label="rq-vae", device=device,
+        checkpoints=checkpoints, resume=saved, on_epoch=on_epoch,
+    )
 
 
 @torch.no_grad()
@@ -310,3 +300,53 @@ def check_embeddings(z: np.ndarray, expected_dim: int | None, codebook_size: int
         raise ValueError(f"{where}: {int(bad.sum())} embedding(s) contain NaN or infinite values, e.g. row {int(np.flatnonzero(bad)[0])}")
     if len(z) < codebook_size:
         raise ValueError(f"{where}: {len(z)} items are fewer than the codebook size K={codebook_size}: lower K")
+
+
+def faiss_rq_collision_rate(z: np.ndarray, num_levels: int, codebook_size: int) -> float:
+    """Collision rate of faiss' ResidualQuantizer with the same L and K on the same embeddings."""
+    rq = faiss.ResidualQuantizer(z.shape[1], num_levels, int(np.log2(codebook_size)))
+    rq.train(z)
+    packed = rq.compute_codes(z)  # identical packed codes <=> identical code tuples
+    _, inverse, counts = np.unique(packed, axis=0, return_inverse=True, return_counts=True)
+    return float((counts[inverse.ravel()] > 1).mean())
+
+
+@dataclass
+class SemanticIds:
+    model: RQVAE  # trained with Sinkhorn assignment
+    history: list[Figures]
+    codes: np.ndarray  # (items, L)
+    errors: np.ndarray  # per-item reconstruction MSE
+    quality: list[tuple[str, dict]]  # codebook_quality of this model, then of the compared ones
+    faiss_collision_rate: float
+
+
+def train_semantic_ids(
+    z: np.ndarray, pairs: np.ndarray, architecture: RQVAEConfig, training: RQVAETrainConfig, *,
+    inference_assignment: Assignment = "argmin", compare_with_argmin: bool = True,
+    checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None,
+    on_epoch: Callable[[EpochReport], None] | None = None, where: str = "embeddings",
+) -> SemanticIds:
+    """SaviorEnc stage 2 on item embeddings z (items, D) and co-click pairs (rows of z): the RQ-VAE
+    trained with Sinkhorn assignment, every item's codes assigned by `inference_assignment`, and
+    codebook quality beside an RQ-VAE trained with argmin assignment (when asked) and faiss'
+    ResidualQuantizer of the same shape. `checkpoints(run_key)` gives each training run's place."""
+    check_embeddings(z, architecture.input_dim, architecture.codebook_size, where)
+    device = device_for_training()
+
+    def fit(assignment: Assignment, report) -> tuple[RQVAE, list[Figures]]:
+        settings = dataclasses.replace(training, assignment=assignment)
+        torch.manual_seed(settings.seed)
+        model = RQVAE(architecture)
+        store = checkpoints(f"{assignment}-{fingerprint(architecture.to_dict(), settings, torch.from_numpy(z), pairs)}")
+        return model, train_rqvae(model, torch.from_numpy(z), pairs, settings, device, report, store)
+
+    model, history = fit("sinkhorn", on_epoch)
+    codes, errors = assign_codes(model, torch.from_numpy(z), inference_assignment, device, training.batch_size)
+    quality = [("rq-vae (sinkhorn)", codebook_quality(codes, architecture.codebook_size))]
+    if compare_with_argmin:
+        argmin_model, _ = fit("argmin", None)
+        argmin_codes, _ = assign_codes(argmin_model, torch.from_numpy(z), "argmin", device, training.batch_size)
+        quality.append(("rq-vae (argmin)", codebook_quality(argmin_codes, architecture.codebook_size)))
+    faiss_collisions = faiss_rq_collision_rate(z, architecture.num_levels, architecture.codebook_size)
+    return SemanticIds(model, history, codes, errors, quality, faiss_collisions)

@@ -23,7 +23,7 @@ from saviorrec_pipeline.contract import (
     schema_violations,
     value_violations,
 )
-from saviorrec_pipeline.resources.storage import filesystem
+from saviorrec_pipeline.files import filesystem
 
 
 @dataclass

@@ -104,6 +104,12 @@ class TrackedRun:
         version = self.client.create_model_version(name, source=self.artifact_uri(artifact_path), run_id=self.run_id, tags=tags)
         return version.version
 
+    def log_registered_model(self, name: str, state_dict: dict, config: dict, config_file: str, tags: dict[str, str]) -> str:
+        """Log the model (`log_model`) and register it as a new version of `name`: its URI,
+        `models:/NAME/VERSION`, the one way an asset's output refers to a trained model."""
+        self.log_model(state_dict, config, config_file)
+        return f"models:/{name}/{self.register(name, 'model', tags)}"
+
 
 class MlflowTracking(dg.ConfigurableResource):
     """Where runs and models go: MLFLOW_TRACKING_URI, or SQLite under SAVIORREC_HOME."""
@@ -196,14 +202,14 @@ class MlflowTracking(dg.ConfigurableResource):
             return json.loads((local / config_file).read_text()), load_file(local / MODEL_WEIGHTS)
 
     def download(self, artifact_uri: str, into: Path) -> Path:
-        """Artifacts of a logged model as local files; `models:/NAME/VERSION` resolves through this
-        resource's registry, not MLflow's process-wide default."""
+        """Artifacts of a logged model as local files; `models:/NAME/VERSION` (and a path inside it)
+        resolves through this resource's registry, not MLflow's process-wide default."""
         from mlflow.artifacts import download_artifacts
 
         with self._reporting(f"loading {artifact_uri}"):
             if artifact_uri.startswith("models:/"):
-                name, version = artifact_uri.removeprefix("models:/").rsplit("/", 1)
-                artifact_uri = self.client().get_model_version_download_uri(name, version)
+                name, version, *inside = artifact_uri.removeprefix("models:/").split("/")
+                artifact_uri = "/".join([self.client().get_model_version_download_uri(name, version), *inside])
             os.makedirs(into, exist_ok=True)
             return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(into), tracking_uri=self.tracking_uri))
 

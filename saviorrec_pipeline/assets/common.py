@@ -1,0 +1,62 @@
+"""What the stage assets share: their groups and the training pool, progress reports to the Dagster
+log and MLflow, and the checkpoints of a stage's training runs."""
+
+import dagster as dg
+
+from saviorrec_pipeline.checkpoints import CheckpointFile
+from saviorrec_pipeline.method.training import EpochReport, StepReport
+from saviorrec_pipeline.resources.storage import ParquetStorage
+from saviorrec_pipeline.resources.tracking import TrackedRun
+
+RAW_GROUP, SAVIORENC_GROUP, RANKING_GROUP = "raw", "saviorenc", "ranking"
+# Stages that train a model carry this pool; dagster.yaml limits it to one step at a time, so two
+# trainings never share the machine, whether in one run or in several.
+TRAINING_POOL = "training"
+
+
+def epoch_reporter(context: dg.AssetExecutionContext, run: TrackedRun | None, label: str = ""):
+    """Each epoch's figures to MLflow as `{phase}_{figure}` (with `{phase}_examples_per_s`), and to
+    the Dagster log for about ten epochs of each phase and its last."""
+
+    def report(epoch: EpochReport) -> None:
+        if run is not None:
+            throughput = epoch.examples / max(epoch.seconds, 1e-9)
+            run.log_metrics({f"{epoch.phase}_{k}": v for k, v in epoch.figures.items()} | {f"{epoch.phase}_examples_per_s": throughput}, step=epoch.epoch)
+        if epoch.epoch % max(1, epoch.epochs // 10) == 0 or epoch.epoch == epoch.epochs - 1:
+            figures = ", ".join(f"{k} {v:.4g}" for k, v in epoch.figures.items())
+            context.log.info(f"{label}{epoch.phase} epoch {epoch.epoch + 1}/{epoch.epochs}: {figures}")
+
+    return report
+
+
+def step_reporter(context: dg.AssetExecutionContext):
+    """Four lines an epoch to the Dagster log, for stages whose epochs are long."""
+
+    def report(step: StepReport) -> None:
+        if step.step % max(1, step.steps // 4) == 0 or step.step == step.steps - 1:
+            context.log.info(f"{step.phase} epoch {step.epoch + 1} step {step.step + 1}/{step.steps} loss {step.loss:.4f}")
+
+    return report
+
+
+class StageCheckpoints:
+    """The checkpoint of each of a stage's training runs for this partition, by name (a run's
+    fingerprint), remembering where each resumed: `start`, or the phase and epoch it went on from."""
+
+    def __init__(self, context: dg.AssetExecutionContext, storage: ParquetStorage):
+        self.context, self.storage = context, storage
+        self.resumed_from: dict[str, str] = {}
+        self.latest = "start"  # where the latest run asked for resumed
+
+    def __call__(self, name: str) -> CheckpointFile:
+        file = self.storage.checkpoint(self.context.asset_key.path[-1], self.context.partition_key, name)
+        saved = file.saved_position()
+        self.resumed_from[name] = "start" if saved is None else f"{saved[0]} epoch {saved[1]}"
+        self.latest = self.resumed_from[name]
+        if saved is not None:
+            self.context.log.info(f"resuming from the checkpoint after {self.resumed_from[name]}: {file.uri}")
+        return file
+
+    def summary(self) -> str:
+        """Where the stage's runs started, in one metadata value."""
+        return ", ".join(dict.fromkeys(self.resumed_from.values())) or "start"
