@@ -70,7 +70,8 @@ class Checkpoint:
         tensors[_GENERATOR] = state.generator.get_state()
         return cls(
             phase, epochs_done, list(history),
-            {name: value.detach().cpu().contiguous() for name, value in tensors.items()},
+            # Copies: a capture is a snapshot, which the optimizer's in-place updates must not reach.
+            {name: value.detach().to("cpu", copy=True).contiguous() for name, value in tensors.items()},
             {"param_groups": saved["param_groups"], "plain_state": plain_state},
             state.schedule.state_dict() if state.schedule is not None else None,
         )

@@ -15,16 +15,17 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from saviorrec_pipeline.assets.coclick import coclick_pairs
 from saviorrec_pipeline.assets.encoder import CONFIG, ENCODER_MODEL, item_encoder
 from saviorrec_pipeline.assets.raw import impressions
+from saviorrec_pipeline.checkpoints import Checkpoint, TrainingState, fingerprint
 from saviorrec_pipeline.demo import generate_demo
 from saviorrec_pipeline.method.ctr_training import CTRTrainConfig, EncodedRows, train_ctr
 from saviorrec_pipeline.method.encoder_training import TrainConfig, build_model, catalog_tensors, train_alignment, train_domain_adaptation
 from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, train_rqvae
-from saviorrec_pipeline.checkpoints import Checkpoint, fingerprint
-from saviorrec_pipeline.method.training import NonFiniteLoss
+from saviorrec_pipeline.method.training import NonFiniteLoss, Steps, train_epochs
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 from saviorrec_pipeline_tests.services import executable, project_env, stop, wait_until
 from saviorrec_pipeline_tests.test_ctr_model import _model as ctr_model
@@ -304,3 +305,41 @@ def test_a_diverging_encoder_fails_its_stage_and_registers_nothing(demo_raw, tmp
     assert not checkpoints.exists()
     [version] = client.search_model_versions(f"name='{ENCODER_MODEL}'")
     assert version.run_id == storage.read("item_encoder", EVAL_DAY)["run_id"][0]
+
+
+def test_a_warm_start_continues_from_the_weights_and_optimizer_state_it_is_given():
+    """A warm start (the ranker's daily continuation) takes another run's weights and optimizer
+    state, Adagrad's accumulators included, and trains with its own shuffling: the same as loading
+    both by hand and stepping through the epoch, and not the same as the weights alone."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 4, generator=g), torch.rand(64, generator=g)
+
+    def fresh(seed: int) -> TrainingState:
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 1)
+        return TrainingState(model, torch.optim.Adagrad(model.parameters(), lr=0.1), torch.Generator().manual_seed(seed))
+
+    def loss_of(model: torch.nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(model(x[rows]).squeeze(-1), y[rows])
+
+    def steps(state: TrainingState) -> Steps:
+        return Steps(lambda generator: torch.randperm(64, generator=generator).split(16), lambda rows: loss_of(state.model, rows))
+
+    earlier = fresh(0)
+    train_epochs("earlier", earlier, steps(earlier), 2)
+    given = Checkpoint.capture("earlier", 2, [], earlier)
+
+    warm = fresh(1)
+    train_epochs("warm", warm, steps(warm), 1, warm_start=given)
+
+    by_hand, weights_only = fresh(1), fresh(1)
+    for state, optimizer_state in ((by_hand, earlier.optimizer.state_dict()), (weights_only, None)):
+        state.model.load_state_dict(earlier.model.state_dict())
+        if optimizer_state is not None:
+            state.optimizer.load_state_dict(optimizer_state)
+        for rows in torch.randperm(64, generator=state.generator).split(16):
+            state.optimizer.zero_grad()
+            loss_of(state.model, rows).backward()
+            state.optimizer.step()
+    _assert_same_weights(warm.model, by_hand.model)
+    assert not torch.equal(warm.model.weight, weights_only.model.weight)
