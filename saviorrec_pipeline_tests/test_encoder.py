@@ -349,6 +349,13 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     scores = predict(reloaded, inputs, saved["sequence_length"], CPU)
     stored = predictions.filter(pl.col("variant") == "saviorrec")["pctr"].to_numpy()
     np.testing.assert_array_equal(scores.astype(np.float32), stored)
+    # Every variant's output names its model, and that model reproduces the variant's predictions.
+    for variant, (model_uri,) in predictions.group_by("variant").agg(pl.col("model_uri").unique()).iter_rows():
+        assert model_uri.startswith("models:/saviorrec-ctr/" if variant == "saviorrec" else "runs:/"), (variant, model_uri)
+        reloaded, saved = load_ctr_model(model_uri, resources["tracking"])
+        inputs = encode_rows(evaluation, ItemIndex(reloaded.item_ids.numpy()), saved["vocabularies"], reloaded.config.user_buckets, "eval")
+        stored = predictions.filter(pl.col("variant") == variant)["pctr"].to_numpy()
+        np.testing.assert_array_equal(predict(reloaded, inputs, saved["sequence_length"], CPU).astype(np.float32), stored)
 
     report = storage.read("auc_report", EVAL_DAY)
     assert report.columns == ["variant", "bucket", "auc", "samples", "clicks", "items", "delta_vs_base"]

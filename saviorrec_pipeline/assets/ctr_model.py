@@ -18,7 +18,7 @@ from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
 
-CTR_MODEL = "saviorrec-ctr"  # the saviorrec variant; another variant V registers as saviorrec-ctr-V
+CTR_MODEL = "saviorrec-ctr"  # the saviorrec variant, the one served; the baselines are logged in their runs, not registered
 CONFIG = "ctr_config.json"
 COVERAGE_CHECK = "predictions_cover_evaluation_rows"
 ARCHITECTURE_FIELDS = ("mba_dim", "id_dim", "attention_dim", "heads", "user_buckets")
@@ -69,7 +69,7 @@ class CTRModelConfig(dg.Config):
     ins={"ranking_dataset": dg.AssetIn(), "item_embeddings": dg.AssetIn(), "semantic_ids": dg.AssetIn()},
     pool=TRAINING_POOL,
     check_specs=[dg.AssetCheckSpec(COVERAGE_CHECK, asset="ctr_model", description="one prediction per variant and kept evaluation impression")],
-    description="Evaluation-window predictions of every CTR variant (impression key, variant, pctr, label, item pv, the variant's `model_uri`).",
+    description="Evaluation-window predictions of every CTR variant (impression key, variant, pctr, label, item pv, the variant's `model_uri`: models:/NAME/VERSION for the registered saviorrec, runs:/RUN_ID/model for a baseline).",
 )
 def ctr_model(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame,
@@ -111,8 +111,11 @@ def _train_and_register(
         run.log_params({"variant": variant, **trained.model.config.to_dict(), **dataclasses.asdict(settings), "epochs_chosen": trained.training.epochs})
         run.log_metrics(final | {"train_samples_per_s": trained.training.samples_per_s, "peak_rss_mib": usage.peak_rss_bytes / 2**20})
         saved = {"architecture": trained.model.config.to_dict(), "vocabularies": inputs.vocabularies, "sequence_length": inputs.sequence_length}
-        name = CTR_MODEL if variant == "saviorrec" else f"{CTR_MODEL}-{variant}"
-        model_uri = run.log_registered_model(name, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
+        if variant == "saviorrec":
+            model_uri = run.log_registered_model(CTR_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
+        else:
+            run.log_model(trained.model.state_dict(), saved, CONFIG)
+            model_uri = f"runs:/{run.run_id}/model"
     predictions = inputs.eval_rows.select(
         "user_id", "item_id", "ts", pl.lit(variant).alias("variant"), pl.Series("pctr", trained.scores, dtype=pl.Float32),
         pl.col("clicked").cast(pl.Int8).alias("label"), "pv", pl.lit(model_uri).alias("model_uri"),
@@ -137,8 +140,8 @@ def _summary_markdown(summary: list[dict]) -> str:
 
 
 def load_ctr_model(model_uri: str, tracking: MlflowTracking) -> tuple[CTRModel, dict]:
-    """A registered CTR model `models:/NAME/VERSION`, rebuilt from code and its safetensors weights
-    (item tables included), and its saved config."""
+    """A CTR model, `models:/NAME/VERSION` (registered) or `runs:/RUN_ID/model` (a baseline), rebuilt
+    from code and its safetensors weights (item tables included), and its saved config."""
     saved, weights = tracking.load_model_files(model_uri, CONFIG)
     model = CTRModel(CTRConfig.from_dict(saved["architecture"]))
     model.load_state_dict(weights)
