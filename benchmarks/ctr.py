@@ -5,13 +5,15 @@ two or more numbers of training samples.
     python benchmarks/ctr.py                          # 25 and 100 batches of 1,024 rows
     python benchmarks/ctr.py --steps 10 40 --scale 1
 
-Rows: the training split of the ranking dataset built from demo data at `--scale`; item embeddings
-and codes are random, of the tiny RQ shape (throughput does not depend on them). Writes
+Rows: the training split of the ranking dataset built from demo data at `--scale`, assembled by
+the ctr_model stage's own recipe; item embeddings and codes are random, of the tiny RQ preset's
+shape (throughput does not depend on them). Both variants at the `main` preset. Writes
 benchmarks/results/ctr.json; the number to read is `alternative_over_ours_seconds` (< 1: `base`
 is cheaper, by that factor).
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 import tempfile
@@ -22,50 +24,57 @@ import polars as pl
 import psutil
 import torch
 
+from saviorrec_pipeline import presets
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
-from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
-from saviorrec_pipeline.method.ctr_training import CTRTrainConfig, ItemIndex, encode_rows, profile_vocabularies, train_ctr
+from saviorrec_pipeline.method.ctr_training import CTRInputs, build_ctr_model, ctr_inputs, train_ctr
 from saviorrec_pipeline.method.device import device_for_training
+from saviorrec_pipeline.method.ranking_features import TRAIN
 
 from measure import comparison, measured  # benchmarks/, beside this script
 from ranking import polars_rows
 from report import write_report
 
-PROFILE_COLUMNS = ["age_band", "region", "device"]  # the demo's user profile
-USER_BUCKETS = 100_003
 
-
-def training_rows(scale: float) -> pl.DataFrame:
-    """Shuffled, so every prefix has the same mix of history lengths: in time order, later rows carry
-    longer click sequences and a longer prefix would cost more per row."""
+def demo_inputs(scale: float, rq_preset: str = "tiny", embedding_dim: int = 64) -> CTRInputs:
+    """The ctr_model stage's inputs on demo ranking rows, the training rows shuffled so every prefix
+    has the same mix of history lengths (in time order, later rows carry longer click sequences and a
+    longer prefix would cost more per row). Item embeddings, codes and codebooks are random, of the
+    RQ preset's shape: throughput does not depend on their values."""
     with tempfile.TemporaryDirectory() as folder:
         raw = Path(folder) / "raw"
         generate_demo(raw, DemoSpec(scale=scale))
-        return polars_rows(raw).filter(pl.col("split") == "train").sample(fraction=1.0, shuffle=True, seed=0)
+        rows = polars_rows(raw)
+    train = rows.filter(pl.col("split") == TRAIN).sample(fraction=1.0, shuffle=True, seed=0)
+    rows = pl.concat([train, rows.filter(pl.col("split") != TRAIN)])
+    item_ids = np.unique(np.concatenate([rows["item_id"].to_numpy(), rows["seq_items"].explode(empty_as_null=False).to_numpy()]))
+    rq, _ = presets.rqvae(rq_preset, embedding_dim)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(len(item_ids), embedding_dim, generator=generator), dim=-1)
+    codes = torch.randint(0, rq.codebook_size, (len(item_ids), rq.num_levels), generator=generator)
+    codebooks = torch.randn(rq.num_levels, rq.codebook_size, rq.latent_dim, generator=generator)
+    _, architecture, _ = presets.ctr("main")
+    return ctr_inputs(
+        rows, pl.DataFrame({"item_id": item_ids, "embedding": z.numpy()}), pl.DataFrame({"item_id": item_ids, "codes": codes.numpy()}),
+        codebooks, architecture["user_buckets"], use_base_pctr=True, where=f"demo ranking rows at scale {scale:g}",
+    )
 
 
 def run(step_counts: list[int], scale: float) -> dict:
-    """The report: `saviorrec` and `base` trained on the first `steps` batches of the shuffled rows, per count."""
-    rows = training_rows(scale)
-    settings = CTRTrainConfig(epochs=1, batch_size=1024, sequence_length=50)
-    if max(step_counts) * settings.batch_size > rows.height:
+    """The report: `saviorrec` and `base` at the `main` preset, trained one epoch on the first
+    `steps` batches of the shuffled rows, per count."""
+    inputs = demo_inputs(scale)
+    _, architecture, training = presets.ctr("main")
+    settings = dataclasses.replace(training, epochs=1, sequence_length=inputs.sequence_length)
+    if max(step_counts) * settings.batch_size > len(inputs.train):
         raise SystemExit(f"{max(step_counts)} steps need {max(step_counts) * settings.batch_size} training rows; "
-                         f"demo data at scale {scale} has {rows.height}: raise --scale")
-    items = ItemIndex(np.unique(np.concatenate([rows["item_id"].to_numpy(), rows["seq_items"].explode(empty_as_null=False).to_numpy()])))
-    generator = torch.Generator().manual_seed(0)
-    z = torch.nn.functional.normalize(torch.randn(len(items), 64, generator=generator), dim=-1)
-    codes = torch.randint(0, 64, (len(items), 3), generator=generator)
-    vocabularies = profile_vocabularies(rows, PROFILE_COLUMNS)
+                         f"demo data at scale {scale} has {len(inputs.train)}: raise --scale")
     device = device_for_training()
     runs = []
     for steps in step_counts:
-        subset = encode_rows(rows.head(steps * settings.batch_size), items, vocabularies, USER_BUCKETS, f"demo scale {scale}")
+        subset = inputs.train.take(torch.arange(steps * settings.batch_size))
         result: dict = {"size": len(subset)}
         for side, variant in (("ours", "saviorrec"), ("alternative", "base")):
-            torch.manual_seed(0)
-            model = CTRModel(CTRConfig(variant=variant, num_items=len(items), embedding_dim=64, num_levels=3, codebook_size=64,
-                                       profile_vocab_sizes=tuple(len(v) + 1 for v in vocabularies.values()), use_base_pctr=True))
-            model.load_item_tables(torch.from_numpy(items.item_ids), z, codes)
+            model = build_ctr_model(inputs, variant, architecture, settings.seed)
             figures, _ = measured(lambda: train_ctr(model, subset, None, settings, device))
             result[side] = {**figures, "samples_per_s": round(len(subset) / figures["seconds"])}
         print(f"CTR training {json.dumps(result)}", flush=True)

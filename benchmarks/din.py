@@ -16,6 +16,8 @@ import torch
 from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
 from deepctr_torch.models import DIN
 
+from saviorrec_pipeline.method.ctr_training import ItemIndex, profile_numbers, profile_vocabularies
+
 EMBEDDING_DIM = 8  # deepctr's examples and DIN's paper
 BATCH_SIZE = 1024
 SEED = 1024  # deepctr's default
@@ -32,32 +34,26 @@ class DinResult:
         return self.samples_trained / self.train_seconds
 
 
-class _Dense:
-    """Ids to dense numbers 1..n (0 = padding / unknown)."""
-
-    def __init__(self, ids: np.ndarray):
-        self.ids = np.unique(ids)
-
-    def __len__(self) -> int:
-        return len(self.ids) + 1
-
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        position = np.searchsorted(self.ids, ids).clip(max=len(self.ids) - 1)
-        return np.where(self.ids[position] == ids, position + 1, 0)
+def _numbers(ids: np.ndarray) -> ItemIndex:
+    """Ids (users or items) to dense numbers in sorted order; DIN's inputs add one, 0 being padding."""
+    return ItemIndex(np.unique(ids))
 
 
-def _inputs(rows: pl.DataFrame, users: _Dense, items: _Dense, profiles: dict[str, _Dense], max_length: int) -> dict[str, np.ndarray]:
+def _inputs(
+    rows: pl.DataFrame, users: ItemIndex, items: ItemIndex, vocabularies: dict[str, list[str]], max_length: int
+) -> dict[str, np.ndarray]:
     sequences = rows["seq_items"].list.tail(max_length)
     lengths = sequences.list.len().to_numpy().astype(np.int64)
     history = np.zeros((rows.height, max_length), dtype=np.int64)
-    flat = items(sequences.explode(empty_as_null=False).drop_nulls().to_numpy())
+    flat = items.numbers(sequences.explode(empty_as_null=False).drop_nulls().to_numpy(), "DIN history") + 1
     if len(flat):
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         positions = np.arange(max_length)[None, :]
         filled = positions < lengths[:, None]
         history = np.where(filled, flat[(starts[:, None] + positions).clip(max=len(flat) - 1)], 0)
-    x = {"user_id": users(rows["user_id"].to_numpy()), "item_id": items(rows["item_id"].to_numpy())}
-    x |= {column: numbers(rows[column].cast(pl.String).fill_null("").to_numpy()) for column, numbers in profiles.items()}
+    x = {"user_id": users.numbers(rows["user_id"].to_numpy(), "DIN users") + 1,
+         "item_id": items.numbers(rows["item_id"].to_numpy(), "DIN items") + 1}
+    x |= dict(zip(vocabularies, profile_numbers(rows, vocabularies).T))
     return x | {"hist_item_id": history, "seq_length": lengths}
 
 
@@ -66,15 +62,16 @@ def train_din(train: pl.DataFrame, evaluation: pl.DataFrame, item_ids: np.ndarra
     """DIN trained `epochs` passes over `train`, scoring `evaluation` after each pass. Ids and
     profile values are numbered over both splits (an id first seen in evaluation keeps its
     untrained, near-zero embedding), items over the catalog."""
-    users = _Dense(np.concatenate([train["user_id"].to_numpy(), evaluation["user_id"].to_numpy()]))
-    items = _Dense(item_ids)
-    profiles = {c: _Dense(pl.concat([train[c], evaluation[c]]).cast(pl.String).fill_null("").to_numpy()) for c in profile_columns}
-    features = [SparseFeat("user_id", len(users), embedding_dim=EMBEDDING_DIM), SparseFeat("item_id", len(items), embedding_dim=EMBEDDING_DIM)]
-    features += [SparseFeat(c, len(numbers), embedding_dim=EMBEDDING_DIM) for c, numbers in profiles.items()]
-    features.append(VarLenSparseFeat(SparseFeat("hist_item_id", len(items), embedding_dim=EMBEDDING_DIM, embedding_name="item_id"),
+    users = _numbers(np.concatenate([train["user_id"].to_numpy(), evaluation["user_id"].to_numpy()]))
+    items = _numbers(item_ids)
+    vocabularies = profile_vocabularies(pl.concat([train.select(profile_columns), evaluation.select(profile_columns)]), profile_columns)
+    features = [SparseFeat("user_id", len(users) + 1, embedding_dim=EMBEDDING_DIM),
+                SparseFeat("item_id", len(items) + 1, embedding_dim=EMBEDDING_DIM)]
+    features += [SparseFeat(c, len(values) + 1, embedding_dim=EMBEDDING_DIM) for c, values in vocabularies.items()]
+    features.append(VarLenSparseFeat(SparseFeat("hist_item_id", len(items) + 1, embedding_dim=EMBEDDING_DIM, embedding_name="item_id"),
                                      maxlen=max_length, length_name="seq_length"))
-    x_train = _inputs(train, users, items, profiles, max_length)
-    x_eval = _inputs(evaluation, users, items, profiles, max_length)
+    x_train = _inputs(train, users, items, vocabularies, max_length)
+    x_eval = _inputs(evaluation, users, items, vocabularies, max_length)
     labels = train["clicked"].to_numpy().astype(np.float32)
     torch.manual_seed(SEED)
     model = DIN(features, ["item_id"], device="cpu", seed=SEED)

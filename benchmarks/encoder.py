@@ -6,14 +6,17 @@ at two or more sizes.
 
 A size multiplies the preset's timed training steps and its catalog (`BASE_SIZES`). Named
 alternatives, measured in the same run on batches of the same size:
-- training: the domain-adaptation step (the towers and CLIP's loss, no fusion, no projection), so
-  `alternative_over_ours_seconds` below 1 is the cost of eq. 2's fusion transformer and head;
+- training: the stage's i2i alignment phase against its domain-adaptation phase (the towers and
+  CLIP's loss, no fusion, no projection) over as many items per step, both by the stage's own
+  training functions, so `alternative_over_ours_seconds` below 1 is the cost of eq. 2's fusion
+  transformer and head (alignment encodes an item that recurs in a batch once);
 - embedding: one item at a time instead of batches of 256, over the same items, so
   `alternative_over_ours_seconds` is what batching buys.
 Writes benchmarks/results/encoder.json.
 """
 
 import argparse
+import dataclasses
 import json
 import platform
 from pathlib import Path
@@ -23,9 +26,8 @@ import psutil
 import torch
 
 from saviorrec_pipeline import presets
-from saviorrec_pipeline.method.encoder import clip_loss, info_nce
 from saviorrec_pipeline.method.device import device_for_training
-from saviorrec_pipeline.method.encoder_training import CatalogTensors, build_model, embed_catalog
+from saviorrec_pipeline.method.encoder_training import CatalogTensors, build_model, embed_catalog, train_alignment, train_domain_adaptation
 
 from measure import comparison, measured  # benchmarks/, beside this script
 from report import write_report
@@ -54,67 +56,50 @@ def synthetic_catalog(items: int, image_size: int, context_length: int, seed: in
     )
 
 
-def _timed_steps(step, steps: int, device: torch.device) -> dict:
-    """Seconds and peak RSS of `steps` steps after one warm-up step (allocation, kernel selection)."""
-    def synchronize() -> None:
+def _timed(train, warm_up, device: torch.device) -> dict:
+    """Seconds and peak RSS of `train()`, after `warm_up()` (allocation, kernel selection)."""
+    def synchronized(call) -> None:
+        call()
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def timed() -> None:
-        for _ in range(steps):
-            step()
-        synchronize()
-
-    step()
-    synchronize()
-    figures, _ = measured(timed)
+    synchronized(warm_up)
+    figures, _ = measured(lambda: synchronized(train))
     return figures
 
 
 def measure(name: str, batch: int, steps: int, items: int) -> tuple[dict, dict]:
-    """One size: the training run (`steps` batches of `batch` pairs) and the embedding run (`items`)."""
+    """One size: the stage's two training phases as the item_encoder stage runs them, one epoch of
+    `steps` batches each (i2i alignment: `batch` random co-click pairs per step; domain adaptation:
+    the same 2 x `batch` items per step), and the embedding run (`items`)."""
     device = device_for_training()
-    config, _ = presets.encoder(name)
+    config, training = presets.encoder(name)
+    training = dataclasses.replace(training, batch_size=batch, epochs=1, domain_adaptation_epochs=1)
     model = build_model(config, seed=0).to(device).train()
-    catalog = synthetic_catalog(items, config.vision["image_size"], config.text["context_length"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    generator = torch.Generator().manual_seed(0)
 
-    def alignment_step() -> None:
-        rows = torch.randint(0, items, (2 * batch,), generator=generator)
-        with autocast:
-            z = model(*catalog.batch(rows, device))
-            loss = info_nce(z[:batch].float(), z[batch:].float(), 0.07)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    def catalog_of(size: int, seed: int) -> CatalogTensors:
+        return synthetic_catalog(size, config.vision["image_size"], config.text["context_length"], seed)
 
-    def towers_only_step() -> None:
-        rows = torch.randint(0, items, (2 * batch,), generator=generator)
-        images, _, tokens, _ = catalog.batch(rows, device)
-        with autocast:
-            image, text = model.tower_embeddings(images, tokens)
-            loss = clip_loss(image.float(), text.float(), model.logit_scale)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    catalog = catalog_of(items, seed=0)
+    pairs = np.random.default_rng(0).integers(0, items, (steps * batch, 2))
+    adaptation = dataclasses.replace(training, batch_size=2 * batch)
 
-    alignment = _timed_steps(alignment_step, steps, device)
-    towers_only = _timed_steps(towers_only_step, steps, device)
+    alignment = _timed(lambda: train_alignment(model, catalog, pairs, training, device),
+                       lambda: train_alignment(model, catalog, pairs[:batch], training, device), device)
+    towers_only = _timed(lambda: train_domain_adaptation(model, catalog_of(steps * 2 * batch, seed=2), adaptation, device),
+                         lambda: train_domain_adaptation(model, catalog_of(2 * batch, seed=3), adaptation, device), device)
     # Warm-up in inference mode (kernel selection for the new shapes), outside both timings.
-    embed_catalog(model, synthetic_catalog(EMBED_BATCH, config.vision["image_size"], config.text["context_length"], seed=1),
-                  device, batch_size=EMBED_BATCH)
+    embed_catalog(model, catalog_of(EMBED_BATCH, seed=1), device, batch_size=EMBED_BATCH)
     batched, _ = measured(lambda: embed_catalog(model, catalog, device, batch_size=EMBED_BATCH))
     one_at_a_time, _ = measured(lambda: embed_catalog(model, catalog, device, batch_size=1))
-    pairs = steps * batch
-    training = {"size": pairs, "batch_pairs": batch, "steps": steps,
-                "ours": {**alignment, "pairs_per_s": round(pairs / alignment["seconds"], 1)},
-                "alternative": {**towers_only, "pairs_per_s": round(pairs / towers_only["seconds"], 1)}}
+    trained_pairs = steps * batch
+    training_sizes = {"size": trained_pairs, "batch_pairs": batch, "steps": steps,
+                      "ours": {**alignment, "pairs_per_s": round(trained_pairs / alignment["seconds"], 1)},
+                      "alternative": {**towers_only, "pairs_per_s": round(trained_pairs / towers_only["seconds"], 1)}}
     embedding = {"size": items,
                  "ours": {**batched, "items_per_s": round(items / batched["seconds"], 1)},
                  "alternative": {**one_at_a_time, "items_per_s": round(items / one_at_a_time["seconds"], 1)}}
-    return training, embedding
+    return training_sizes, embedding
 
 
 def run(presets: list[str], sizes: list[int]) -> dict:

@@ -37,6 +37,7 @@ import psutil
 
 from saviorrec_pipeline.cli import DEMO_PV_EDGES, EMBEDDED_INSTANCE
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
+from saviorrec_pipeline.markdown import table
 
 from report import paste_into_readme, write_report  # benchmarks/, beside this script
 
@@ -182,16 +183,16 @@ def markdown(report: dict) -> str:
                   + f". Encoder `{result['encoder_preset']}` ({result['encoder_epochs']} epochs, {result['encoder_seconds']:.0f} s to train), "
                   f"i2i Hit@{result['k']}: {hits}; "
                   f"whole run {result['seconds']} s.", ""]
-        lines.append("| model | " + " | ".join(f"{b} ({counts[b][0]:,} / {counts[b][1]:,})" for b in buckets) + " | train samples/s |")
-        lines.append("|---|" + "--:|" * (len(buckets) + 1))
-        table = {(r["variant"], r["bucket"]): r["auc"] for r in auc}
+        header = ["model", *(f"{b} ({counts[b][0]:,} / {counts[b][1]:,})" for b in buckets), "train samples/s"]
+        auc_of = {(r["variant"], r["bucket"]): r["auc"] for r in auc}
         speed = result["samples_per_s"]
+        rows = []
         for variant in dict.fromkeys(r["variant"] for r in auc):
-            cells = ["" if table[(variant, b)] is None else f"{table[(variant, b)]:.4f}" for b in buckets]
+            cells = ["" if auc_of[(variant, b)] is None else f"{auc_of[(variant, b)]:.4f}" for b in buckets]
             rate = speed.get(variant, speed["din"] if variant.startswith("din") else None)
-            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {rate:,.0f} |")
-        lines += ["", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {what} | {numbers} | {'yes' if met else 'no'} |" for what, met, numbers in result["targets"]]
+            rows.append([variant, *cells, f"{rate:,.0f}"])
+        lines += [table(header, rows, numeric_columns=len(buckets) + 1), ""]
+        lines += [table(["target", "measured", "met"], [(what, numbers, "yes" if met else "no") for what, met, numbers in result["targets"]])]
         lines.append("")
     return "\n".join(lines)
 
@@ -249,11 +250,11 @@ def main() -> None:
         "shapes": shapes,
     }
     write_report(args.out, report)
-    table = markdown(report) + "\n"
-    args.out.with_suffix(".md").write_text(table)
-    print(table)
+    text = markdown(report) + "\n"
+    args.out.with_suffix(".md").write_text(text)
+    print(text)
     if args.readme:
-        paste_into_readme("peer.md", table)
+        paste_into_readme("peer.md", text)
     if failed:
         raise SystemExit("failed: " + "; ".join(f"{name}: {why}" for name, why in failed.items()))
 

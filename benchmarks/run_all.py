@@ -28,6 +28,7 @@ from pathlib import Path
 
 import psutil
 
+from saviorrec_pipeline.markdown import table
 from report import paste_into_readme, write_report  # benchmarks/report.py, beside this script
 
 BENCHMARKS = Path(__file__).parent
@@ -103,22 +104,21 @@ def markdown(report: dict) -> str:
         f"`{report['command']}`. Seconds and peak RSS (MiB) of each side at each size; "
         "the exponent is the slope of log(seconds) against log(work) between the sizes.",
         "",
-        "| stage | ours vs alternative | work | size | ours s | alt. s | alt. s / ours s | ours MiB | alt. MiB |",
-        "|---|---|---|--:|--:|--:|--:|--:|--:|",
     ]
+    rows = []
     for stage in stages:
         for number, run in enumerate(stage["runs"]):
             ours, alternative = run["ours"], run["alternative"]
-            named = f"{stage['stage']} | {stage['ours']} vs {stage['alternative']} | {stage['work']}" if number == 0 else " | | "
-            lines.append(
-                f"| {named} | {run['size']:,} | {_number(ours['seconds'])} | {_number(alternative['seconds'])} "
-                f"| {run['alternative_over_ours_seconds']:g} | {ours['peak_rss_mib']:,.0f} | {alternative['peak_rss_mib']:,.0f} |"
-            )
-    lines += ["", "| stage | scaling exponent, ours | scaling exponent, alternative |", "|---|--:|--:|"]
-    lines += [f"| {s['stage']} | {s['scaling_exponent']['ours']} | {s['scaling_exponent']['alternative']} |" for s in stages]
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
+            named = [stage["stage"], f"{stage['ours']} vs {stage['alternative']}", stage["work"]] if number == 0 else ["", "", ""]
+            rows.append([*named, f"{run['size']:,}", _number(ours["seconds"]), _number(alternative["seconds"]),
+                         f"{run['alternative_over_ours_seconds']:g}", f"{ours['peak_rss_mib']:,.0f}", f"{alternative['peak_rss_mib']:,.0f}"])
+    header = ["stage", "ours vs alternative", "work", "size", "ours s", "alt. s", "alt. s / ours s", "ours MiB", "alt. MiB"]
+    lines += [table(header, rows, numeric_columns=6), ""]
+    exponents = [(s["stage"], s["scaling_exponent"]["ours"], s["scaling_exponent"]["alternative"]) for s in stages]
+    lines += [table(["stage", "scaling exponent, ours", "scaling exponent, alternative"], exponents, numeric_columns=2), ""]
     met_words = {True: "yes", False: "**no**", None: "not measured"}
-    lines += [f"| {v['stage']}: {v['target']} | {v['measured']} | {met_words[v['met']]} |" for v in report["targets"]]
+    targets = [(f"{v['stage']}: {v['target']}", v["measured"], met_words[v["met"]]) for v in report["targets"]]
+    lines.append(table(["target", "measured", "met"], targets))
     return "\n".join(lines) + "\n"
 
 
@@ -142,11 +142,11 @@ def main() -> None:
     }
     report["targets"] = targets([stage for name in args.stages for stage in reports[name]["stages"]])
     write_report(args.out, report)
-    table = markdown(report)
-    args.out.with_suffix(".md").write_text(table)
-    print(f"wrote {args.out.with_suffix('.md')}\n\n{table}")
+    text = markdown(report)
+    args.out.with_suffix(".md").write_text(text)
+    print(f"wrote {args.out.with_suffix('.md')}\n\n{text}")
     if args.readme:
-        paste_into_readme("all.md", table)
+        paste_into_readme("all.md", text)
 
 
 if __name__ == "__main__":

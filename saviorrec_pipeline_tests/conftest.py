@@ -6,6 +6,24 @@ import s3fs
 from saviorrec_pipeline_tests.services import S3Server, start_seaweedfs, stop, wait_for_s3
 
 
+KINDS = {"unit", "integration"}
+# Fixtures that start a real service; a unit test must not reach one, even through another fixture.
+SERVICE_FIXTURES = {"s3_server", "s3", "mlflow_server", "postgres", "dagster_ui"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test is marked either unit or integration, so `-m unit` is the whole fast set."""
+    wrong = []
+    for item in items:
+        kinds = KINDS & {mark.name for mark in item.iter_markers()}
+        if len(kinds) != 1:
+            wrong.append(f"{item.nodeid}: marked {sorted(kinds) or 'neither'}; mark it unit or integration")
+        elif kinds == {"unit"} and SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            wrong.append(f"{item.nodeid}: marked unit but starts a service ({sorted(SERVICE_FIXTURES & set(item.fixturenames))})")
+    if wrong:
+        raise pytest.UsageError("test markers:\n" + "\n".join(wrong))
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> S3Server:
     """A SeaweedFS S3 gateway on loopback for the whole session, with credentials."""

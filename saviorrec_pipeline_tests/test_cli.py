@@ -5,9 +5,12 @@ import subprocess
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from saviorrec_pipeline.method.coclick import mine_coclick_pairs
 from saviorrec_pipeline_tests.services import executable, project_env
+
+pytestmark = pytest.mark.integration
 
 START = dt.date(2025, 7, 1)
 DAYS = 5

@@ -10,6 +10,8 @@ import pytest
 from saviorrec_pipeline.method import coclick
 from saviorrec_pipeline.method.coclick import CoclickParams, mine_coclick_pairs
 
+pytestmark = pytest.mark.unit
+
 T0 = dt.datetime(2025, 7, 1, tzinfo=dt.timezone.utc)
 
 

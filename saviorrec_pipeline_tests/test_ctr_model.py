@@ -5,6 +5,8 @@ import torch
 
 from saviorrec_pipeline.method.ctr_model import MBA, VARIANTS, Batch, CTRConfig, CTRModel
 
+pytestmark = pytest.mark.unit
+
 ITEMS, DIM, LEVELS, K = 20, 16, 3, 8
 
 

@@ -20,6 +20,8 @@ from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.demo.generator import TITLE_FILLERS
 from saviorrec_pipeline.resources.raw import RawStore
 
+pytestmark = pytest.mark.unit
+
 SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=6, users=200, items=300, seed=3)
 DAYS = [SPEC.start_date + dt.timedelta(days=i) for i in range(SPEC.days)]
 UTC_US = pa.timestamp("us", tz="UTC")

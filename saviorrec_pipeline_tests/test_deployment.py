@@ -8,12 +8,15 @@ import subprocess
 from pathlib import Path
 
 import dagster as dg
+import pytest
 import yaml
 from dagster._core.instance.config import dagster_instance_config
 from dagster._core.instance.ref import InstanceRef
 
 from saviorrec_pipeline_tests.deployment_files import REPO, compose_config, env_example
 from saviorrec_pipeline_tests.services import executable
+
+pytestmark = pytest.mark.integration
 
 
 def test_compose_file_is_valid_and_complete(tmp_path):

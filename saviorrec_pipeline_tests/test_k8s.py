@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import dagster as dg
+import pytest
 import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
@@ -26,6 +27,8 @@ from kubernetes import client as k8s
 from saviorrec_pipeline.assets.common import TRAINING_POOL
 from saviorrec_pipeline_tests.deployment_files import REPO, env_example
 from saviorrec_pipeline_tests.services import isolated_environ
+
+pytestmark = pytest.mark.integration
 
 K8S = REPO / "deploy" / "k8s"
 # Release and namespace as in deploy/k8s/README.md; the chart names things after them.

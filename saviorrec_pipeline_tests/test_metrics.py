@@ -7,6 +7,8 @@ from sklearn.metrics import roc_auc_score
 
 from saviorrec_pipeline.method.metrics import auc_report, roc_auc
 
+pytestmark = pytest.mark.unit
+
 
 def _predictions(seed: int = 0) -> pl.DataFrame:
     rng = np.random.default_rng(seed)

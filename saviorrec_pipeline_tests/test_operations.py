@@ -1,5 +1,6 @@
 """Operations: the daily schedule, the raw-day sensor, the training pool."""
 
+import pytest
 import datetime as dt
 import os
 import subprocess
@@ -16,6 +17,7 @@ from saviorrec_pipeline_tests.deployment_files import REPO
 from saviorrec_pipeline_tests.services import executable
 
 
+@pytest.mark.unit
 def test_daily_retrain_requests_yesterdays_partition_of_the_whole_chain():
     schedule = defs.get_schedule_def("daily_retrain")
     assert schedule.job_name == "saviorrec_chain" and schedule.cron_schedule == "0 2 * * *"
@@ -25,6 +27,7 @@ def test_daily_retrain_requests_yesterdays_partition_of_the_whole_chain():
     assert request.tags["saviorrec/trigger"] == "daily_retrain"
 
 
+@pytest.mark.integration
 def test_schedule_is_listed_by_the_dagster_cli(tmp_path):
     result = subprocess.run(
         [executable("dagster"), "schedule", "list", "-w", str(REPO / "workspace.yaml")],
@@ -41,6 +44,7 @@ def _land(raw: Path, day: str, with_file: bool = True) -> None:
         pl.DataFrame({"user_id": [1]}).write_parquet(folder / "part-0.parquet")
 
 
+@pytest.mark.unit
 def test_sensor_is_off_by_default_and_requests_each_landed_day_once(tmp_path):
     assert raw_day_landed.default_status == dg.DefaultSensorStatus.STOPPED
     raw = tmp_path / "raw"
@@ -61,6 +65,7 @@ def test_sensor_is_off_by_default_and_requests_each_landed_day_once(tmp_path):
     assert [r.partition_key for r in later.run_requests] == ["2025-07-22"]
 
 
+@pytest.mark.unit
 def test_training_stages_share_one_pool():
     # Its limit of one step at a time is set by both instance files (test_deployment).
     graph = defs.resolve_asset_graph()

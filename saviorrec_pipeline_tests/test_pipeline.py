@@ -15,6 +15,8 @@ from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage, filesystem
 
+pytestmark = pytest.mark.integration
+
 SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=6, users=300, items=400, seed=11)
 EVAL_DAY = SPEC.start_date + dt.timedelta(days=SPEC.days - 1)
 WINDOW = TrainEvalWindow(train_days=SPEC.days - 1, eval_days=1)

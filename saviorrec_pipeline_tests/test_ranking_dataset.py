@@ -8,6 +8,8 @@ import pytest
 
 from saviorrec_pipeline.method.ranking_features import FeatureSpec, build_ranking_rows
 
+pytestmark = pytest.mark.unit
+
 EVAL_START = dt.datetime(2025, 7, 4, tzinfo=dt.timezone.utc)
 SPEC = FeatureSpec(sequence_length=4, prior_ctr=0.1, prior_strength=10.0)
 FEATURES = ["item_impressions", "item_clicks", "item_ctr", "seq_items", "seq_impressions", "seq_clicks", "seq_ctr", "seq_length"]

@@ -28,6 +28,8 @@ from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline_tests.test_coclick import brute_force
 
+pytestmark = pytest.mark.unit
+
 DAYS = [dt.date(2025, 7, 1) + dt.timedelta(days=i) for i in range(4)]
 EVAL_DAY = DAYS[-1]
 TRAIN_DAYS = DAYS[:-1]

@@ -96,6 +96,7 @@ def uninterrupted_encoder():
 
 
 @pytest.mark.parametrize("kill_after", [1, 3], ids=["in-domain-adaptation", "in-alignment"])
+@pytest.mark.unit
 def test_encoder_resumes_to_the_same_model(uninterrupted_encoder, kill_after):
     reference, reference_history = uninterrupted_encoder
     (model, history), resumed_from, store = _interrupted_then_resumed(_train_encoder, kill_after)
@@ -105,6 +106,7 @@ def test_encoder_resumes_to_the_same_model(uninterrupted_encoder, kill_after):
     assert store.saves == 2 + 3  # one save per epoch: no epoch was trained twice
 
 
+@pytest.mark.unit
 def test_rqvae_resumes_to_the_same_model():
     z = _embeddings(items=512)
     pairs = np.array([[i, i + 1] for i in range(0, 500, 2)])
@@ -137,6 +139,7 @@ def _ctr_rows(n: int = 2000) -> EncodedRows:
 
 
 @pytest.mark.parametrize("variant", ["base", "saviorrec"])
+@pytest.mark.unit
 def test_ctr_training_resumes_to_the_same_model(variant):
     rows = _ctr_rows()
     settings = CTRTrainConfig(epochs=3, batch_size=256, sequence_length=5)
@@ -154,6 +157,7 @@ def test_ctr_training_resumes_to_the_same_model(variant):
 
 
 @pytest.mark.parametrize("phase", ["selection", "ctr"], ids=["while-choosing-epochs", "in-final-training"])
+@pytest.mark.unit
 def test_ctr_training_with_chosen_epochs_resumes_to_the_same_model(phase):
     rows = _ctr_rows()
     # At 0.01 these rows take more than one epoch, so both phases have epochs left after the kill.
@@ -177,6 +181,7 @@ def test_ctr_training_with_chosen_epochs_resumes_to_the_same_model(phase):
     assert store.saves == selection_epochs + reference_training.epochs  # no epoch was trained twice
 
 
+@pytest.mark.unit
 def test_a_finished_run_resumed_trains_nothing_more():
     rows = _ctr_rows(500)
     settings = CTRTrainConfig(epochs=2, batch_size=128, sequence_length=5)
@@ -189,6 +194,7 @@ def test_a_finished_run_resumed_trains_nothing_more():
     _assert_same_weights(finished, again)
 
 
+@pytest.mark.unit
 def test_a_loss_that_becomes_nan_stops_training_with_its_place():
     rows = _ctr_rows(1000)
     rows.stats[617] = float("nan")
@@ -200,6 +206,7 @@ def test_a_loss_that_becomes_nan_stops_training_with_its_place():
     assert store.data is None  # no checkpoint of a poisoned epoch
 
 
+@pytest.mark.unit
 def test_fingerprint_tells_runs_apart():
     pairs = np.array([[0, 1], [2, 3]])
     settings = CTRTrainConfig()
@@ -238,6 +245,7 @@ def _encoder_weights(home: Path) -> dict[str, torch.Tensor]:
     return tracking.load_model_files(reference["model_uri"][0], CONFIG)[1]
 
 
+@pytest.mark.integration
 def test_a_killed_materialization_resumes_from_its_last_checkpoint(demo_raw, tmp_path):
     """The encoder stage as users run it (the Dagster CLI), its process killed mid-training; the
     retried run resumes and registers weights identical to those of an uninterrupted run."""
@@ -274,6 +282,7 @@ def test_a_killed_materialization_resumes_from_its_last_checkpoint(demo_raw, tmp
         assert torch.equal(expected[name], resumed[name]), name
 
 
+@pytest.mark.integration
 def test_a_diverging_encoder_fails_its_stage_and_registers_nothing(demo_raw, tmp_path):
     resources = _resources(demo_raw, tmp_path)
     fast = {"epochs": 2, "batch_size": 64, "domain_adaptation_epochs": 0, "warmup_epochs": 0}
@@ -307,6 +316,7 @@ def test_a_diverging_encoder_fails_its_stage_and_registers_nothing(demo_raw, tmp
     assert version.run_id == storage.read("item_encoder", EVAL_DAY)["run_id"][0]
 
 
+@pytest.mark.unit
 def test_a_warm_start_continues_from_the_weights_and_optimizer_state_it_is_given():
     """A warm start (the ranker's daily continuation) takes another run's weights and optimizer
     state, Adagrad's accumulators included, and trains with its own shuffling: the same as loading

@@ -8,6 +8,8 @@ import pytest
 
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
 
+pytestmark = pytest.mark.unit
+
 
 def _brute_force(item_ids, embeddings, clicks: list[tuple[int, int, int]], k: int) -> tuple[int, int]:
     by_user: dict[int, list[tuple[int, int]]] = {}

@@ -16,6 +16,8 @@ from saviorrec_pipeline.method.rqvae import (
     train_rqvae,
 )
 
+pytestmark = pytest.mark.unit
+
 CPU = torch.device("cpu")
 
 

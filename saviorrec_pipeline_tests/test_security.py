@@ -143,6 +143,7 @@ def _stored_objects(fs: s3fs.S3FileSystem, prefix: str) -> list[tuple[str, str]]
     return found
 
 
+@pytest.mark.integration
 def test_planted_credentials_appear_in_no_log_record_or_tracking_entry(demo_raw, tmp_path):
     """The S3 secret key and a password in MLFLOW_TRACKING_URI are real and work (a SeaweedFS that
     takes only that key; an MLflow server reached through a URI with user and password), the chain up
@@ -243,6 +244,7 @@ def _log_model(tracking: MlflowTracking, name: str, state_dict: dict, config: di
     return artifact_uri, f"models:/{name}/{run.register(name, 'model', {})}"
 
 
+@pytest.mark.unit
 def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_path):
     """The encoder (in the item_embeddings asset and directly), the RQ-VAE and the CTR model, saved as
     the stages save them, load and match their weights while every unpickling entry point raises."""
@@ -326,6 +328,7 @@ def _unpickling_in(text: str, where: str) -> list[str]:
     return found
 
 
+@pytest.mark.unit
 def test_the_package_source_never_unpickles():
     planted = "import joblib\nfrom mlflow import pytorch\nimport torch\ntorch.load(f)\nnp.load(f, allow_pickle=True)\nmlflow.pyfunc.load_model(u)\n"
     flagged = {int(line.split(":")[1]) for line in _unpickling_in(planted, "planted")}
@@ -350,6 +353,7 @@ def _files_under(root: Path) -> set[Path]:
 
 
 @pytest.mark.parametrize("name", HOSTILE_NAMES, ids=repr)
+@pytest.mark.unit
 def test_hostile_names_are_refused_before_anything_is_written(tmp_path, name):
     root = tmp_path / "root" / "storage"
     storage = ParquetStorage(root=str(root))
@@ -361,12 +365,14 @@ def test_hostile_names_are_refused_before_anything_is_written(tmp_path, name):
     assert _files_under(tmp_path) == set(), "something was written"
 
 
+@pytest.mark.unit
 def test_names_of_the_pipeline_are_accepted():
     for name in ("coclick_pairs", "item_embeddings", "2025-07-22", "date=2025-07-22", "a" * 128):
         assert safe_name(name, "name") == name
 
 
 @pytest.mark.parametrize("key", ["../../etc", "2025-07-22/../../x", "/tmp/x", "2025-07-22\n", "..", "2099-01-01"], ids=repr)
+@pytest.mark.unit
 def test_dagster_refuses_partition_keys_outside_the_daily_partitions(demo_raw, tmp_path, key):
     """A run for a key that is not a day of the partitions never starts: nothing is written anywhere."""
     root = tmp_path / "root"
@@ -385,6 +391,7 @@ def test_dagster_refuses_partition_keys_outside_the_daily_partitions(demo_raw, t
 SECRET_VARIABLE = re.compile(r"PASSWORD|SECRET|TOKEN|_KEY$|CREDENTIAL")
 
 
+@pytest.mark.integration
 def test_compose_publishes_only_the_three_uis_and_only_on_loopback(tmp_path):
     published = {}
     for name, service in compose_config(tmp_path)["services"].items():
@@ -403,6 +410,7 @@ def test_compose_publishes_only_the_three_uis_and_only_on_loopback(tmp_path):
     assert published == {"s3": ("8333", "8333"), "mlflow": ("5000", "5000"), "webserver": ("3000", "3000")}
 
 
+@pytest.mark.integration
 def test_no_secret_has_a_default_or_a_usable_example_value(tmp_path):
     text = (REPO / "docker-compose.yml").read_text()
     fallbacks = re.findall(r"\$\{(\w+):?-([^}]*)\}", text)  # ${VAR:-default}, ${VAR-default}
@@ -419,11 +427,13 @@ def test_no_secret_has_a_default_or_a_usable_example_value(tmp_path):
     assert not placeholders, f".env.example gives usable-looking secrets for {placeholders}"
 
 
+@pytest.mark.integration
 def test_the_env_file_is_not_committed():
     ignored = {line.strip() for line in (REPO / ".gitignore").read_text().splitlines()}
     assert ignored & {".env", "/.env", ".env*", "*.env"}, ".gitignore does not ignore .env, the copy of .env.example that holds the real secrets"
 
 
+@pytest.mark.integration
 def test_the_env_file_is_not_copied_into_the_image():
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     sources = [s for line in dockerfile.splitlines() if line.startswith(("COPY", "ADD")) for s in line.split()[1:-1]]

@@ -8,7 +8,7 @@ from saviorrec_pipeline.checkpoints import Checkpoint, TrainingState
 from saviorrec_pipeline.resources.storage import ParquetStorage, filesystem
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=[pytest.param("local", marks=pytest.mark.unit), pytest.param("s3", marks=pytest.mark.integration)])
 def storage(request: pytest.FixtureRequest, tmp_path) -> ParquetStorage:
     if request.param == "local":
         return ParquetStorage(root=str(tmp_path / "storage"))
@@ -58,6 +58,7 @@ def test_missing_partition_names_what_to_materialize(storage: ParquetStorage):
         storage.read("coclick_pairs", "2025-07-22")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("asset, partition", [("../escape", "2025-07-22"), ("coclick_pairs", "../../x"), ("", "p")])
 def test_names_that_leave_the_root_are_refused(tmp_path, asset, partition):
     with pytest.raises(ValueError, match="unsafe"):

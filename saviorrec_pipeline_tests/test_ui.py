@@ -23,6 +23,8 @@ from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline_tests.deployment_files import REPO
 from saviorrec_pipeline_tests.services import graphql, project_env, start_dagster_dev, stop, wait_for_dagster
 
+pytestmark = pytest.mark.integration
+
 ARTIFACTS = Path(os.environ.get("SAVIORREC_TEST_ARTIFACTS") or REPO / "test-artifacts" / "ui")
 
 START = dt.date(2025, 7, 1)

@@ -52,6 +52,17 @@ def profile_vocabularies(train_rows: pl.DataFrame, columns: list[str]) -> dict[s
     return {c: sorted(train_rows[c].drop_nulls().cast(pl.String).unique().to_list()) for c in columns}
 
 
+def profile_numbers(rows: pl.DataFrame, vocabularies: dict[str, list[str]]) -> np.ndarray:
+    """(rows, profile columns) int64: each value's position in its vocabulary plus one, 0 where the
+    value is missing or was not seen in training."""
+    columns = []
+    for column, values in vocabularies.items():
+        lookup = pl.DataFrame({column: values, "index": np.arange(1, len(values) + 1)}, schema={column: pl.String, "index": pl.Int64})
+        indices = rows.select(pl.col(column).cast(pl.String)).join(lookup, on=column, how="left", maintain_order="left")["index"]
+        columns.append(indices.fill_null(0).to_numpy())
+    return np.stack(columns, axis=1).astype(np.int64) if columns else np.zeros((rows.height, 0), dtype=np.int64)
+
+
 def _stats(frame: pl.DataFrame, prefix: str) -> np.ndarray:
     impressions = frame[f"{prefix}impressions"].to_numpy().astype(np.float32)
     clicks = frame[f"{prefix}clicks"].to_numpy().astype(np.float32)
@@ -104,12 +115,7 @@ def encode_rows(
     rows: pl.DataFrame, items: ItemIndex, vocabularies: dict[str, list[str]], user_buckets: int, where: str
 ) -> EncodedRows:
     """Model inputs for ranking rows (the columns of the `ranking_dataset` asset)."""
-    profile_columns = []
-    for column, values in vocabularies.items():
-        lookup = pl.DataFrame({column: values, "index": np.arange(1, len(values) + 1)}, schema={column: pl.String, "index": pl.Int64})
-        indices = rows.select(pl.col(column).cast(pl.String)).join(lookup, on=column, how="left", maintain_order="left")["index"]
-        profile_columns.append(indices.fill_null(0).to_numpy())
-    profile = np.stack(profile_columns, axis=1) if profile_columns else np.zeros((rows.height, 0), dtype=np.int64)
+    profile = profile_numbers(rows, vocabularies)
     lengths = rows["seq_items"].list.len().to_numpy().astype(np.int64)
     flat_ids = rows["seq_items"].explode(empty_as_null=False).to_numpy()
     flat_stats = rows.select(
@@ -118,7 +124,7 @@ def encode_rows(
     base = rows["base_pctr"].fill_null(0.0).to_numpy() if "base_pctr" in rows.columns else np.zeros(rows.height)
     return EncodedRows(
         user=torch.from_numpy(rows["user_id"].to_numpy() % user_buckets),
-        profile=torch.from_numpy(profile.astype(np.int64)),
+        profile=torch.from_numpy(profile),
         item=torch.from_numpy(items.numbers(rows["item_id"].to_numpy(), where)),
         stats=torch.from_numpy(_stats(rows, "item_")),
         seq_items=torch.from_numpy(items.numbers(flat_ids, f"{where} (sequence items)")),
