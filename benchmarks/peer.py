@@ -7,8 +7,8 @@ AUC in total and per item-PV bucket, and training samples/s, on data shaped unli
     python benchmarks/peer.py --shapes text_long_window --encoder-preset minilm --encoder-epochs 3   # another encoder
     python benchmarks/peer.py --raw DIR --partition 2025-07-22 --train-days 21 --eval-days 1   # your own data
 
-For each shape the demo generator writes the raw data, then the whole `saviorrec_chain` job runs on
-it for its last day in a child process of its own (a fresh project home: storage, MLflow, Dagster
+For each shape the demo generator writes the raw data, then the whole `saviorrec_chain` job (and
+`paper_tables`' i2i_retrieval) runs on it for its last day in a child process of its own (a fresh project home: storage, MLflow, Dagster
 instance; `SAVIORREC_TRAIN_DAYS`/`SAVIORREC_EVAL_DAYS` set to the shape's window), exactly as a
 user's run at default settings would. The child then trains DIN on that run's `ranking_dataset`
 rows (`benchmarks/din.py`) for as many epochs as each of the pipeline's variants chose, and
@@ -110,9 +110,14 @@ def chain_and_din(partition: str, edges: tuple[float, ...], encoder: str, encode
         result = defs.get_job_def("saviorrec_chain").execute_in_process(
             partition_key=partition, instance=instance, run_config=run_config, raise_on_error=False
         )
-    if not result.success:
-        failures = [e.step_failure_data.error for e in result.all_events if e.is_step_failure]
-        raise SystemExit("the chain failed: " + "; ".join(f"{error.message.strip()}" for error in failures))
+        # Table 4's Hit@K of the day's encoder, from the paper_tables job.
+        retrieval = result.success and defs.get_job_def("paper_tables").execute_in_process(
+            partition_key=partition, instance=instance, asset_selection=[dg.AssetKey("i2i_retrieval")], raise_on_error=False
+        )
+    for job, outcome in (("the chain", result), ("i2i_retrieval", retrieval)):
+        if outcome and not outcome.success:
+            failures = [e.step_failure_data.error for e in outcome.all_events if e.is_step_failure]
+            raise SystemExit(f"{job} failed: " + "; ".join(f"{error.message.strip()}" for error in failures))
     metadata = {e.materialization.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
     ctr = metadata["ctr_model"]
     variants = [v.strip() for v in ctr["variants"].value.split(",")]

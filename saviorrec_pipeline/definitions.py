@@ -12,7 +12,7 @@ import dagster as dg
 import yaml
 
 from saviorrec_pipeline.assets import auc_report, coclick, ctr_model, encoder, ranking_dataset, raw, semantic_ids
-from saviorrec_pipeline.jobs import chain_job
+from saviorrec_pipeline.jobs import chain_job, paper_tables_job
 from saviorrec_pipeline.partitions import SETTINGS, TrainEvalWindow
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
@@ -50,7 +50,7 @@ def k8s_executor(config_file: str) -> dg.ExecutorDefinition:
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[chain_job],
+    jobs=[chain_job, paper_tables_job],
     schedules=[daily_retrain],
     sensors=[raw_day_landed],
     # On one machine, steps run in the run's own process: a process per step would import torch

@@ -9,6 +9,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from saviorrec_pipeline.definitions import all_assets
+from saviorrec_pipeline.jobs import chain_job
 from saviorrec_pipeline.demo import generate_demo
 from saviorrec_pipeline_tests.test_encoder import EVAL_DAY, FAST, SPEC, _resources
 
@@ -28,7 +29,7 @@ MACHINE_METRICS = ("per_s", "seconds", "rss_mib")
 
 
 def _materialize_chain(raw: Path, home: Path) -> tuple[dict[str, pl.DataFrame], dict[str, dict[str, float]]]:
-    result = dg.materialize(all_assets, partition_key=EVAL_DAY, resources=_resources(raw, home), run_config=RUN_CONFIG)
+    result = dg.materialize(all_assets, selection=chain_job.selection, partition_key=EVAL_DAY, resources=_resources(raw, home), run_config=RUN_CONFIG)
     assert result.success
     outputs = {
         path.parent.name: pl.read_parquet(path).drop(RUN_REFERENCES, strict=False)
@@ -53,7 +54,7 @@ def test_same_partition_twice_gives_the_same_rows_and_metrics(demo_raw, tmp_path
     first_outputs, first_metrics = _materialize_chain(demo_raw, tmp_path / "first")
     second_outputs, second_metrics = _materialize_chain(demo_raw, tmp_path / "second")
 
-    stages = {"coclick_pairs", "item_encoder", "item_embeddings", "i2i_retrieval", "semantic_ids", "ranking_dataset", "ctr_model", "auc_report"}
+    stages = {"coclick_pairs", "item_encoder", "item_embeddings", "semantic_ids", "ranking_dataset", "ctr_model", "auc_report"}
     assert first_outputs.keys() == second_outputs.keys() == stages
     for stage in sorted(stages):
         assert first_outputs[stage].height > 0, stage

@@ -308,19 +308,20 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     """coclick_pairs -> ... -> auc_report for one partition on tiny presets, then the RQ-VAE and the
     CTR model rebuilt from their MLflow artifacts reproduce the stored codes and predictions."""
     from saviorrec_pipeline.assets.auc_report import auc_report
-    from saviorrec_pipeline.assets.ctr_model import ctr_model, load_ctr_model
+    from saviorrec_pipeline.assets.ctr_model import ctr_ablations, ctr_model, load_ctr_model
     from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
-    from saviorrec_pipeline.assets.semantic_ids import embedding_matrix, load_rqvae, semantic_ids
+    from saviorrec_pipeline.assets.semantic_ids import embedding_matrix, load_rqvae, quantiser_comparison, semantic_ids
     from saviorrec_pipeline.method.ctr_training import ItemIndex, encode_rows, predict
     from saviorrec_pipeline.method.rqvae import assign_codes
 
     resources = _resources(demo_raw, tmp_path)
     rq = {"num_levels": 2, "codebook_size": 16, "code_dim": 8, "epochs": 3, "batch_size": 128}
-    ctr = {"preset": "ablation", "epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}
+    ctr = {"epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}
     result = dg.materialize(
-        [coclick_pairs, item_encoder, item_embeddings, semantic_ids, ranking_dataset, ctr_model, auc_report],
+        [coclick_pairs, item_encoder, item_embeddings, semantic_ids, quantiser_comparison, ranking_dataset, ctr_model, ctr_ablations, auc_report],
         partition_key=EVAL_DAY, resources=resources,
-        run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}, "ctr_model": {"config": ctr}}},
+        run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}, "quantiser_comparison": {"config": rq},
+                            "ctr_model": {"config": ctr}, "ctr_ablations": {"config": ctr}}},
     )
     assert result.success
     storage = resources["parquet_io_manager"].storage
@@ -338,17 +339,32 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(client.get_model_version(*table["model_uri"][0].removeprefix("models:/").split("/")).run_id)
     assert {"num_levels": "2", "codebook_size": "16", "code_dim": "8"}.items() <= run.data.params.items()
-    assert {"level_1_utilisation", "collision_rate", "faiss_rq_collision_rate", "reconstruction_mse"} <= run.data.metrics.keys()
-    quality = result.asset_materializations_for_node("semantic_ids")[0].metadata["codebook_quality"].value
-    assert "rq-vae (argmin)" in quality and "rq-vae (sinkhorn)" in quality
+    assert {"level_1_utilisation", "collision_rate", "reconstruction_mse"} <= run.data.metrics.keys()
+    # The paper's quantiser comparison: the chain's codes beside argmin-trained codes and faiss.
+    compared = storage.read("quantiser_comparison", EVAL_DAY)
+    sinkhorn = compared.filter(pl.col("quantiser") == "rq-vae (sinkhorn)")
+    assert sinkhorn["level"].to_list() == [1, 2]
+    assert sinkhorn["utilisation"].to_list() == [np.unique(codes[:, level]).size / 16 for level in range(2)]
+    assert compared.filter(pl.col("quantiser") == "rq-vae (argmin)").height == 2
+    assert compared.filter(pl.col("quantiser") == "faiss ResidualQuantizer")["collision_rate"].is_between(0, 1).all()
+    quality = result.asset_materializations_for_node("quantiser_comparison")[0].metadata["codebook_quality"].value
+    assert "rq-vae (argmin)" in quality and "rq-vae (sinkhorn)" in quality and "faiss" in quality
 
     rows = storage.read("ranking_dataset", EVAL_DAY)
     evaluation = rows.filter(pl.col("split") == "eval")
     predictions = storage.read("ctr_model", EVAL_DAY)
-    variants = ["base", "no_mba", "no_mm_embedding", "no_bidir", "saviorrec"]
-    assert sorted(predictions["variant"].unique()) == sorted(variants)
-    assert predictions.group_by("variant").len()["len"].to_list() == [evaluation.height] * 5
+    assert sorted(predictions["variant"].unique()) == ["base", "saviorrec"]
+    assert predictions.group_by("variant").len()["len"].to_list() == [evaluation.height] * 2
     assert predictions["pctr"].is_between(0, 1).all()
+    # Table 3's ablations, trained as ctr_model trains: base and saviorrec give the same predictions.
+    ablations = storage.read("ctr_ablations", EVAL_DAY)
+    variants = ["base", "no_mba", "no_mm_embedding", "no_bidir", "saviorrec"]
+    assert sorted(ablations["variant"].unique()) == sorted(variants)
+    assert ablations.group_by("variant").len()["len"].to_list() == [evaluation.height] * 5
+    key = ["user_id", "item_id", "ts", "variant"]
+    same = predictions.select(*key, "pctr").join(ablations.select(*key, pl.col("pctr").alias("again")), on=key)
+    assert same.height == 2 * evaluation.height and (same["pctr"] == same["again"]).all()
+    assert all(uri.startswith("runs:/") for uri in ablations["model_uri"])
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["predictions_cover_evaluation_rows"] and checks["auc_defined_for_every_variant"]
 
@@ -371,7 +387,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     report = storage.read("auc_report", EVAL_DAY)
     assert report.columns == ["variant", "bucket", "auc", "samples", "clicks", "items", "delta_vs_base"]
     totals = report.filter(pl.col("bucket") == "total")
-    assert totals.height == 5 and totals["samples"].to_list() == [evaluation.height] * 5
+    assert totals.height == 2 and totals["samples"].to_list() == [evaluation.height] * 2
     assert totals["auc"].is_between(0, 1).all()
     metadata = result.asset_materializations_for_node("auc_report")[0].metadata
     assert "data:image/png;base64," in metadata["auc_by_pv_bucket"].value and "| saviorrec |" in metadata["report"].value

@@ -210,7 +210,7 @@ def test_backfill_runs_one_partition_per_run_one_run_at_a_time_recorded_in_postg
 def test_every_stage_output_is_a_parquet_object_in_s3(deployment, backfill):
     fs, storage_root = deployment["fs"], deployment["env"]["SAVIORREC_STORAGE_ROOT"].removeprefix("s3://")
     written = {path.removeprefix(storage_root + "/") for path in fs.find(storage_root)}
-    stages = {"coclick_pairs", "item_encoder", "item_embeddings", "i2i_retrieval", "semantic_ids", "ranking_dataset", "ctr_model", "auc_report"}
+    stages = {"coclick_pairs", "item_encoder", "item_embeddings", "semantic_ids", "ranking_dataset", "ctr_model", "auc_report"}
     assert written == {f"{stage}/{day}.parquet" for stage in stages for day in DAYS}
     assert all(fs.info(f"{storage_root}/{path}")["size"] > 0 for path in written)
 

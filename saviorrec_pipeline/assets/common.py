@@ -5,13 +5,23 @@ import dagster as dg
 
 from saviorrec_pipeline.checkpoints import CheckpointFile
 from saviorrec_pipeline.method.training import EpochReport, StepReport
+from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import TrackedRun
 
 RAW_GROUP, SAVIORENC_GROUP, RANKING_GROUP = "raw", "saviorenc", "ranking"
+PAPER_GROUP = "paper_tables"  # the paper's comparisons, built on demand by the paper_tables job, not daily
 # Stages that train a model carry this pool; dagster.yaml limits it to one step at a time, so two
 # trainings never share the machine, whether in one run or in several.
 TRAINING_POOL = "training"
+
+
+def training_asset(group: str, inputs: list[str], description: str, **asset_arguments):
+    """A stage that trains: one Parquet file per day, upstream assets by name, the training pool."""
+    return dg.asset(
+        group_name=group, partitions_def=daily_partitions, io_manager_key="parquet_io_manager",
+        ins={name: dg.AssetIn() for name in inputs}, pool=TRAINING_POOL, description=description, **asset_arguments,
+    )
 
 
 def epoch_reporter(context: dg.AssetExecutionContext, run: TrackedRun | None, label: str = ""):

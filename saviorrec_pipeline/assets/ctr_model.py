@@ -8,12 +8,11 @@ import polars as pl
 from pydantic import Field
 
 from saviorrec_pipeline import presets
-from saviorrec_pipeline.assets.common import RANKING_GROUP, TRAINING_POOL, StageCheckpoints, epoch_reporter
+from saviorrec_pipeline.assets.common import PAPER_GROUP, RANKING_GROUP, StageCheckpoints, epoch_reporter, training_asset
 from saviorrec_pipeline.assets.semantic_ids import load_rqvae
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.ctr_model import VARIANTS, CTRConfig, CTRModel
 from saviorrec_pipeline.method.ctr_training import CTRInputs, CTRTrainConfig, ctr_inputs, train_variant
-from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
@@ -29,7 +28,7 @@ class CTRModelConfig(dg.Config):
     preset's. `main`: paper 4.1.4 (Adagrad, batch 1024, 8 attention heads) except the rate, 0.03
     with the weights averaged; epochs by early stopping."""
 
-    preset: Literal[presets.names("ctr")] = Field(default="main", description="main: base + saviorrec; ablation: all five (Table 3)")
+    preset: Literal[presets.names("ctr")] = Field(default="main", description="main: base + saviorrec; ablation: all five (Table 3, the ctr_ablations asset)")
     variants: list[str] | None = Field(default=None, description=f"overrides the preset's; any of {list(VARIANTS)}")
     epochs: int | None = Field(default=None, ge=1, description="passes over the training window; unset: chosen by early stopping on its latest rows")
     max_epochs: int | None = Field(default=None, ge=1, description="early stopping's budget of epochs (10)")
@@ -62,56 +61,84 @@ class CTRModelConfig(dg.Config):
         return variants, architecture, presets.overridden(training, **{f.name: getattr(self, f.name, None) for f in dataclasses.fields(CTRTrainConfig)})
 
 
-@dg.asset(
-    group_name=RANKING_GROUP,
-    partitions_def=daily_partitions,
-    io_manager_key="parquet_io_manager",
-    ins={"ranking_dataset": dg.AssetIn(), "item_embeddings": dg.AssetIn(), "semantic_ids": dg.AssetIn()},
-    pool=TRAINING_POOL,
+class CTRAblationsConfig(CTRModelConfig):
+    """ctr_model's settings, with the preset of Table 3's ablations."""
+
+    preset: Literal[presets.names("ctr")] = Field(default="ablation", description="ablation: all five variants (Table 3)")
+
+
+@training_asset(
+    RANKING_GROUP, ["ranking_dataset", "item_embeddings", "semantic_ids"],
+    "Evaluation-window predictions of every CTR variant (impression key, variant, pctr, label, item pv, the variant's `model_uri`: models:/NAME/VERSION for the registered saviorrec, runs:/RUN_ID/model for a baseline).",
     check_specs=[dg.AssetCheckSpec(COVERAGE_CHECK, asset="ctr_model", description="one prediction per variant and kept evaluation impression")],
-    description="Evaluation-window predictions of every CTR variant (impression key, variant, pctr, label, item pv, the variant's `model_uri`: models:/NAME/VERSION for the registered saviorrec, runs:/RUN_ID/model for a baseline).",
 )
 def ctr_model(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame,
     item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> Iterator:
-    variants, architecture, settings = config.setup()
-    rqvae, _ = load_rqvae(semantic_ids["model_uri"][0], tracking)
-    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(),
-                        architecture["user_buckets"], config.use_base_pctr, f"ranking_dataset {context.partition_key}")
-    settings = dataclasses.replace(settings, sequence_length=inputs.sequence_length)
-    checkpoints = StageCheckpoints(context, storage)
-    with tracking.start_run(context, "ctr_model") as parent:
-        parent.log_params({"variants": ",".join(variants), "train_rows": len(inputs.train), "eval_rows": len(inputs.evaluation), **dataclasses.asdict(settings)})
-        summary = [_train_and_register(context, tracking, parent, inputs, variant, architecture, settings, checkpoints) for variant in variants]
-        parent.log_metrics({f"{row['variant']}_eval_auc": row["eval_auc"] for row in summary})
-    predictions = pl.concat(row.pop("predictions") for row in summary)
+    predictions, metadata, inputs = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking)
+    yield dg.Output(predictions, metadata=metadata)
     counts = dict(predictions.group_by("variant").len().iter_rows())
-    yield dg.Output(predictions, metadata={
-        "variants": ", ".join(variants), "eval_rows": len(inputs.evaluation), "train_rows": len(inputs.train),
-        "mlflow_parent_run_id": parent.run_id, "results": dg.MetadataValue.md(_summary_markdown(summary)),
-        **{f"{row['variant']}_{key}": row[key] for row in summary for key in ("epochs", "train_samples_per_s", "model_uri")},
-    })
+    variants = metadata["variants"].split(", ")
     yield dg.AssetCheckResult(
         check_name=COVERAGE_CHECK, passed=all(counts.get(v, 0) == len(inputs.evaluation) for v in variants),
         metadata={"eval_rows": len(inputs.evaluation), **{f"{v}_predictions": counts.get(v, 0) for v in variants}},
     )
 
 
+@training_asset(
+    PAPER_GROUP, ["ranking_dataset", "item_embeddings", "semantic_ids"],
+    "Paper Table 3: evaluation-window predictions of the ablation variants (each without one of MBA, the "
+    "multimodal embedding, the bi-directional attention) beside base and saviorrec, trained as ctr_model trains; none registered.",
+)
+def ctr_ablations(
+    context: dg.AssetExecutionContext, config: CTRAblationsConfig, ranking_dataset: pl.DataFrame,
+    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
+) -> dg.Output[pl.DataFrame]:
+    predictions, metadata, _ = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking, register=False)
+    return dg.Output(predictions, metadata=metadata)
+
+
+def train_variants(
+    context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame, item_embeddings: pl.DataFrame,
+    semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking, register: bool = True,
+) -> tuple[pl.DataFrame, dict, CTRInputs]:
+    """Every variant of `config` trained on the day's rows, each in an MLflow run nested under the
+    stage's: their evaluation-window predictions, the stage's metadata and the inputs. With
+    `register`, saviorrec is registered as the served model."""
+    variants, architecture, settings = config.setup()
+    rqvae, _ = load_rqvae(semantic_ids["model_uri"][0], tracking)
+    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(),
+                        architecture["user_buckets"], config.use_base_pctr, f"ranking_dataset {context.partition_key}")
+    settings = dataclasses.replace(settings, sequence_length=inputs.sequence_length)
+    checkpoints = StageCheckpoints(context, storage)
+    stage = context.asset_key.to_user_string()
+    with tracking.start_run(context, stage) as parent:
+        parent.log_params({"variants": ",".join(variants), "train_rows": len(inputs.train), "eval_rows": len(inputs.evaluation), **dataclasses.asdict(settings)})
+        summary = [_train_and_register(context, tracking, parent, inputs, variant, architecture, settings, checkpoints, register) for variant in variants]
+        parent.log_metrics({f"{row['variant']}_eval_auc": row["eval_auc"] for row in summary})
+    predictions = pl.concat(row.pop("predictions") for row in summary)
+    return predictions, {
+        "variants": ", ".join(variants), "eval_rows": len(inputs.evaluation), "train_rows": len(inputs.train),
+        "mlflow_parent_run_id": parent.run_id, "results": dg.MetadataValue.md(_summary_markdown(summary)),
+        **{f"{row['variant']}_{key}": row[key] for row in summary for key in ("epochs", "train_samples_per_s", "model_uri")},
+    }, inputs
+
+
 def _train_and_register(
     context: dg.AssetExecutionContext, tracking: MlflowTracking, parent: TrackedRun, inputs: CTRInputs, variant: str,
-    architecture: dict, settings: CTRTrainConfig, checkpoints: StageCheckpoints,
+    architecture: dict, settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool,
 ) -> dict:
     """One variant in its own MLflow run, nested under the stage's: trained, registered, its
     evaluation-window predictions and its summary row."""
-    with tracking.start_run(context, f"ctr_model/{variant}", parent=parent) as run:
+    with tracking.start_run(context, f"{context.asset_key.to_user_string()}/{variant}", parent=parent) as run:
         with track_usage() as usage:
             trained = train_variant(inputs, variant, architecture, settings, checkpoints=checkpoints, on_epoch=epoch_reporter(context, run, f"{variant} "))
         final = {"eval_auc": trained.training.history[-1].get("eval_auc", float("nan")), "eval_logloss": trained.training.history[-1]["eval_logloss"]}
         run.log_params({"variant": variant, **trained.model.config.to_dict(), **dataclasses.asdict(settings), "epochs_chosen": trained.training.epochs})
         run.log_metrics(final | {"train_samples_per_s": trained.training.samples_per_s, "peak_rss_mib": usage.peak_rss_bytes / 2**20})
         saved = {"architecture": trained.model.config.to_dict(), "vocabularies": inputs.vocabularies, "sequence_length": inputs.sequence_length}
-        if variant == "saviorrec":
+        if register and variant == "saviorrec":
             model_uri = run.log_registered_model(CTR_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
         else:
             run.log_model(trained.model.state_dict(), saved, CONFIG)

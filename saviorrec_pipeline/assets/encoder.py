@@ -11,7 +11,7 @@ import polars as pl
 from pydantic import Field
 
 from saviorrec_pipeline import presets
-from saviorrec_pipeline.assets.common import SAVIORENC_GROUP, TRAINING_POOL, StageCheckpoints, epoch_reporter, step_reporter
+from saviorrec_pipeline.assets.common import PAPER_GROUP, SAVIORENC_GROUP, StageCheckpoints, epoch_reporter, step_reporter, training_asset
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, with_text_tower
@@ -55,14 +55,10 @@ def read_catalog(raw: RawStore) -> pl.DataFrame:
     return catalog
 
 
-@dg.asset(
-    group_name=SAVIORENC_GROUP,
-    partitions_def=daily_partitions,
-    io_manager_key="parquet_io_manager",
-    ins={"coclick_pairs": dg.AssetIn()},
-    pool=TRAINING_POOL,
+@training_asset(
+    SAVIORENC_GROUP, ["coclick_pairs"],
+    "SaviorEnc stage 1 trained on the partition's co-click pairs; its registered model (`model_uri`).",
     deps=["item_catalog"],
-    description="SaviorEnc stage 1 trained on the partition's co-click pairs; its registered model (`model_uri`).",
 )
 def item_encoder(
     context: dg.AssetExecutionContext, config: ItemEncoderConfig, coclick_pairs: pl.DataFrame,
@@ -140,13 +136,9 @@ class RetrievalConfig(dg.Config):
     k: int = Field(default=30, ge=1, description="Hit@K (paper Table 4: 30)")
 
 
-@dg.asset(
-    group_name=SAVIORENC_GROUP,
-    partitions_def=daily_partitions,
-    io_manager_key="parquet_io_manager",
-    ins={"coclick_pairs": dg.AssetIn(), "item_encoder": dg.AssetIn()},
-    pool=TRAINING_POOL,
-    description="Paper Table 4: Hit@K of i2i retrieval on the evaluation window, per encoder training variant.",
+@training_asset(
+    PAPER_GROUP, ["coclick_pairs", "item_encoder"],
+    "Paper Table 4: Hit@K of i2i retrieval on the evaluation window, per encoder training variant.",
 )
 def i2i_retrieval(
     context: dg.AssetExecutionContext, config: RetrievalConfig, coclick_pairs: pl.DataFrame, item_encoder: pl.DataFrame,

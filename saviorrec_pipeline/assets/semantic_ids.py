@@ -10,11 +10,10 @@ import polars as pl
 from pydantic import Field
 
 from saviorrec_pipeline import presets
-from saviorrec_pipeline.assets.common import SAVIORENC_GROUP, TRAINING_POOL, StageCheckpoints, epoch_reporter
+from saviorrec_pipeline.assets.common import PAPER_GROUP, SAVIORENC_GROUP, StageCheckpoints, epoch_reporter, training_asset
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.item_rows import embedding_matrix, pair_rows
-from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, train_semantic_ids
-from saviorrec_pipeline.partitions import daily_partitions
+from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, compare_quantisers, train_semantic_ids
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -42,7 +41,6 @@ class SemanticIdsConfig(dg.Config):
         "codes do not depend on the other items) or sinkhorn (balanced as in training, over batches of "
         "batch_size items of the catalog, so codes can change when the catalog does)",
     )
-    compare_with_argmin: bool = Field(default=True, description="also train with argmin assignment and report it")
     seed: int | None = None
 
     def setup(self, input_dim: int) -> tuple[RQVAEConfig, RQVAETrainConfig]:
@@ -51,13 +49,9 @@ class SemanticIdsConfig(dg.Config):
         return shape, presets.overridden(training, **{f.name: getattr(self, f.name, None) for f in dataclasses.fields(RQVAETrainConfig)})
 
 
-@dg.asset(
-    group_name=SAVIORENC_GROUP,
-    partitions_def=daily_partitions,
-    io_manager_key="parquet_io_manager",
-    ins={"item_embeddings": dg.AssetIn(), "coclick_pairs": dg.AssetIn()},
-    pool=TRAINING_POOL,
-    description="RQ-VAE semantic IDs (L codes per item) of the item embeddings, with reconstruction error and the model (`model_uri`).",
+@training_asset(
+    SAVIORENC_GROUP, ["item_embeddings", "coclick_pairs"],
+    "RQ-VAE semantic IDs (L codes per item) of the item embeddings, with reconstruction error and the model (`model_uri`).",
 )
 def semantic_ids(
     context: dg.AssetExecutionContext, config: SemanticIdsConfig, item_embeddings: pl.DataFrame,
@@ -77,9 +71,9 @@ def semantic_ids(
         with track_usage() as usage:
             result = train_semantic_ids(
                 z, pairs, architecture, training, inference_assignment=config.inference_assignment,
-                compare_with_argmin=config.compare_with_argmin, checkpoints=checkpoints, on_epoch=epoch_reporter(context, run), where=where,
+                checkpoints=checkpoints, on_epoch=epoch_reporter(context, run), where=where,
             )
-        figures = quality_figures(result.quality) | {"reconstruction_mse": float(result.errors.mean()), "faiss_rq_collision_rate": result.faiss_collision_rate}
+        figures = quality_figures(result.quality) | {"reconstruction_mse": float(result.errors.mean())}
         run.log_metrics(figures | {"train_seconds": usage.seconds})
         saved = {"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment}
         model_uri = run.log_registered_model(RQVAE_MODEL, result.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
@@ -92,27 +86,61 @@ def semantic_ids(
     return dg.Output(codes, metadata={
         "items": codes.height, "model_uri": model_uri, "mlflow_run_id": run.run_id, "resumed_from": checkpoints.summary(),
         "shape": f"L={architecture.num_levels}, K={architecture.codebook_size}, d={architecture.latent_dim}",
-        **{key: round(figures[key], 6) for key in ("collision_rate", "faiss_rq_collision_rate", "reconstruction_mse")},
+        **{key: round(figures[key], 6) for key in ("collision_rate", "reconstruction_mse")},
         "loss_last_epoch": round(result.history[-1]["loss"], 5),
-        "codebook_quality": dg.MetadataValue.md(quality_markdown(result.quality)),
+        "codebook_quality": dg.MetadataValue.md(quality_markdown([("rq-vae (sinkhorn)", result.quality)])),
         **usage.metadata(len(z) * training.epochs, unit="item_epochs"),
     })
 
 
-def quality_figures(quality: list[tuple[str, dict]]) -> dict[str, float]:
-    """The trained model's collision rate and per-level utilisation and perplexity, and the
-    argmin-trained one's collision rate and first-level utilisation when it was compared."""
-    (_, ours), *compared = quality
-    figures = {"collision_rate": ours["collision_rate"]}
-    figures |= {f"level_{l['level']}_{key}": l[key] for l in ours["levels"] for key in ("utilisation", "perplexity")}
-    for _, argmin in compared:
-        figures |= {"argmin_collision_rate": argmin["collision_rate"], "argmin_level_1_utilisation": argmin["levels"][0]["utilisation"]}
-    return figures
+def quality_figures(quality: dict) -> dict[str, float]:
+    """A codebook's collision rate and per-level utilisation and perplexity, as flat metrics."""
+    figures = {"collision_rate": quality["collision_rate"]}
+    return figures | {f"level_{l['level']}_{key}": l[key] for l in quality["levels"] for key in ("utilisation", "perplexity")}
 
 
 def quality_markdown(quality: list[tuple[str, dict]]) -> str:
-    rows = [(name, l["level"], f"{100 * l['utilisation']:.1f}%", f"{l['perplexity']:.1f}") for name, q in quality for l in q["levels"]]
-    return table(["model", "level", "utilisation", "perplexity"], rows)
+    rows = []
+    for name, q in quality:
+        levels = [(l["level"], f"{100 * l['utilisation']:.1f}%", f"{l['perplexity']:.1f}") for l in q["levels"]] or [("", "", "")]
+        rows += [(name, *level, f"{100 * q['collision_rate']:.2f}%") for level in levels]
+    return table(["model", "level", "utilisation", "perplexity", "collision rate"], rows)
+
+
+@training_asset(
+    PAPER_GROUP, ["item_embeddings", "coclick_pairs", "semantic_ids"],
+    "The semantic IDs' codebook quality beside an RQ-VAE trained with argmin assignment and faiss' ResidualQuantizer "
+    "of the same shape (collision rate, per-level utilisation and perplexity).",
+)
+def quantiser_comparison(
+    context: dg.AssetExecutionContext, config: SemanticIdsConfig, item_embeddings: pl.DataFrame, coclick_pairs: pl.DataFrame,
+    semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
+) -> dg.Output[pl.DataFrame]:
+    z = embedding_matrix(item_embeddings)
+    architecture, training = config.setup(z.shape[1] if z.ndim == 2 else -1)
+    codes = item_embeddings.select("item_id").join(semantic_ids.select("item_id", "codes"), on="item_id", how="left", maintain_order="left")
+    checkpoints = StageCheckpoints(context, storage)
+    with tracking.start_run(context, "quantiser_comparison") as run:
+        run.log_params({"preset": config.preset, "num_levels": architecture.num_levels, "codebook_size": architecture.codebook_size,
+                        "code_dim": architecture.latent_dim, "items": len(z), **dataclasses.asdict(training)})
+        with track_usage() as usage:
+            compared = compare_quantisers(z, pair_rows(coclick_pairs, item_embeddings["item_id"].to_numpy()), architecture, training,
+                                          np.stack(codes["codes"].to_numpy()), checkpoints=checkpoints, where=f"item_embeddings for {context.partition_key}")
+        run.log_metrics({f"{_metric_name(name)}_{key}": value for name, quality in compared for key, value in quality_figures(quality).items()})
+    rows = pl.DataFrame(
+        [{"quantiser": name, "collision_rate": q["collision_rate"], "level": l["level"], "utilisation": l["utilisation"], "perplexity": l["perplexity"]}
+         for name, q in compared for l in q["levels"] or [{"level": None, "utilisation": None, "perplexity": None}]],
+        schema={"quantiser": pl.String, "collision_rate": pl.Float64, "level": pl.Int32, "utilisation": pl.Float64, "perplexity": pl.Float64},
+    )
+    return dg.Output(rows, metadata={
+        "mlflow_run_id": run.run_id, "resumed_from": checkpoints.summary(),
+        **{f"{_metric_name(name)}_collision_rate": round(q["collision_rate"], 6) for name, q in compared},
+        "codebook_quality": dg.MetadataValue.md(quality_markdown(compared)), **usage.metadata(len(z) * training.epochs, unit="item_epochs"),
+    })
+
+
+def _metric_name(quantiser: str) -> str:
+    return {"rq-vae (sinkhorn)": "sinkhorn", "rq-vae (argmin)": "argmin", "faiss ResidualQuantizer": "faiss_rq"}[quantiser]
 
 
 def load_rqvae(model_uri: str, tracking: MlflowTracking) -> tuple[RQVAE, dict]:

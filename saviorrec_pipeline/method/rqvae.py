@@ -317,36 +317,46 @@ class SemanticIds:
     history: list[Figures]
     codes: np.ndarray  # (items, L)
     errors: np.ndarray  # per-item reconstruction MSE
-    quality: list[tuple[str, dict]]  # codebook_quality of this model, then of the compared ones
-    faiss_collision_rate: float
+    quality: dict  # codebook_quality of `codes`
+
+
+def _fit(
+    z: np.ndarray, pairs: np.ndarray, architecture: RQVAEConfig, training: RQVAETrainConfig, assignment: Assignment,
+    checkpoints: Callable[[str], CheckpointStore | None], on_epoch: Callable[[EpochReport], None] | None,
+) -> tuple[RQVAE, list[Figures]]:
+    settings = dataclasses.replace(training, assignment=assignment)
+    torch.manual_seed(settings.seed)
+    model = RQVAE(architecture)
+    store = checkpoints(f"{assignment}-{fingerprint(architecture.to_dict(), settings, torch.from_numpy(z), pairs)}")
+    return model, train_rqvae(model, torch.from_numpy(z), pairs, settings, device_for_training(), on_epoch, store)
 
 
 def train_semantic_ids(
     z: np.ndarray, pairs: np.ndarray, architecture: RQVAEConfig, training: RQVAETrainConfig, *,
-    inference_assignment: Assignment = "argmin", compare_with_argmin: bool = True,
-    checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None,
+    inference_assignment: Assignment = "argmin", checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None,
     on_epoch: Callable[[EpochReport], None] | None = None, where: str = "embeddings",
 ) -> SemanticIds:
     """SaviorEnc stage 2 on item embeddings z (items, D) and co-click pairs (rows of z): the RQ-VAE
     trained with Sinkhorn assignment, every item's codes assigned by `inference_assignment`, and
-    codebook quality beside an RQ-VAE trained with argmin assignment (when asked) and faiss'
-    ResidualQuantizer of the same shape. `checkpoints(run_key)` gives each training run's place."""
+    their codebook quality. `checkpoints(run_key)` gives the training run's place."""
     check_embeddings(z, architecture.input_dim, architecture.codebook_size, where)
-    device = device_for_training()
+    model, history = _fit(z, pairs, architecture, training, "sinkhorn", checkpoints, on_epoch)
+    codes, errors = assign_codes(model, torch.from_numpy(z), inference_assignment, device_for_training(), training.batch_size)
+    return SemanticIds(model, history, codes, errors, codebook_quality(codes, architecture.codebook_size))
 
-    def fit(assignment: Assignment, report) -> tuple[RQVAE, list[Figures]]:
-        settings = dataclasses.replace(training, assignment=assignment)
-        torch.manual_seed(settings.seed)
-        model = RQVAE(architecture)
-        store = checkpoints(f"{assignment}-{fingerprint(architecture.to_dict(), settings, torch.from_numpy(z), pairs)}")
-        return model, train_rqvae(model, torch.from_numpy(z), pairs, settings, device, report, store)
 
-    model, history = fit("sinkhorn", on_epoch)
-    codes, errors = assign_codes(model, torch.from_numpy(z), inference_assignment, device, training.batch_size)
-    quality = [("rq-vae (sinkhorn)", codebook_quality(codes, architecture.codebook_size))]
-    if compare_with_argmin:
-        argmin_model, _ = fit("argmin", None)
-        argmin_codes, _ = assign_codes(argmin_model, torch.from_numpy(z), "argmin", device, training.batch_size)
-        quality.append(("rq-vae (argmin)", codebook_quality(argmin_codes, architecture.codebook_size)))
-    faiss_collisions = faiss_rq_collision_rate(z, architecture.num_levels, architecture.codebook_size)
-    return SemanticIds(model, history, codes, errors, quality, faiss_collisions)
+def compare_quantisers(
+    z: np.ndarray, pairs: np.ndarray, architecture: RQVAEConfig, training: RQVAETrainConfig, codes: np.ndarray, *,
+    checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None, where: str = "embeddings",
+) -> list[tuple[str, dict]]:
+    """The stage's codes beside two quantisers of the same shape on the same embeddings: an RQ-VAE
+    trained with argmin assignment instead of Sinkhorn's, and faiss' ResidualQuantizer (whose
+    quality is its collision rate alone). Each: (name, codebook_quality)."""
+    check_embeddings(z, architecture.input_dim, architecture.codebook_size, where)
+    argmin_model, _ = _fit(z, pairs, architecture, training, "argmin", checkpoints, None)
+    argmin_codes, _ = assign_codes(argmin_model, torch.from_numpy(z), "argmin", device_for_training(), training.batch_size)
+    return [
+        ("rq-vae (sinkhorn)", codebook_quality(codes, architecture.codebook_size)),
+        ("rq-vae (argmin)", codebook_quality(argmin_codes, architecture.codebook_size)),
+        ("faiss ResidualQuantizer", {"collision_rate": faiss_rq_collision_rate(z, architecture.num_levels, architecture.codebook_size), "levels": []}),
+    ]
