@@ -18,5 +18,5 @@ paper_tables_job = dg.define_asset_job(
     "paper_tables",
     selection=paper_assets,
     description="The paper's comparisons for a day whose chain has run: Table 4's encoder variants (i2i_retrieval), the "
-    "argmin RQ-VAE and faiss quantiser beside the semantic IDs (quantiser_comparison), Table 3's ablations (ctr_ablations).",
+    "argmin RQ-VAE and faiss quantiser beside the semantic IDs (rq_comparison), Table 3's ablations (ctr_ablations).",
 )

@@ -310,7 +310,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     from saviorrec_pipeline.assets.auc_report import auc_report
     from saviorrec_pipeline.assets.ctr_model import ctr_ablations, ctr_model, load_ctr_model
     from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
-    from saviorrec_pipeline.assets.semantic_ids import embedding_matrix, load_rqvae, quantiser_comparison, semantic_ids
+    from saviorrec_pipeline.assets.semantic_ids import embedding_matrix, load_rqvae, rq_comparison, semantic_ids
     from saviorrec_pipeline.method.ctr_training import ItemIndex, encode_rows, predict
     from saviorrec_pipeline.method.rqvae import assign_codes
 
@@ -318,9 +318,9 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     rq = {"num_levels": 2, "codebook_size": 16, "code_dim": 8, "epochs": 3, "batch_size": 128}
     ctr = {"epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}
     result = dg.materialize(
-        [coclick_pairs, item_encoder, item_embeddings, semantic_ids, quantiser_comparison, ranking_dataset, ctr_model, ctr_ablations, auc_report],
+        [coclick_pairs, item_encoder, item_embeddings, semantic_ids, rq_comparison, ranking_dataset, ctr_model, ctr_ablations, auc_report],
         partition_key=EVAL_DAY, resources=resources,
-        run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}, "quantiser_comparison": {"config": rq},
+        run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}, "rq_comparison": {"config": rq},
                             "ctr_model": {"config": ctr}, "ctr_ablations": {"config": ctr}}},
     )
     assert result.success
@@ -341,13 +341,13 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     assert {"num_levels": "2", "codebook_size": "16", "code_dim": "8"}.items() <= run.data.params.items()
     assert {"level_1_utilisation", "collision_rate", "reconstruction_mse"} <= run.data.metrics.keys()
     # The paper's quantiser comparison: the chain's codes beside argmin-trained codes and faiss.
-    compared = storage.read("quantiser_comparison", EVAL_DAY)
+    compared = storage.read("rq_comparison", EVAL_DAY)
     sinkhorn = compared.filter(pl.col("quantiser") == "rq-vae (sinkhorn)")
     assert sinkhorn["level"].to_list() == [1, 2]
     assert sinkhorn["utilisation"].to_list() == [np.unique(codes[:, level]).size / 16 for level in range(2)]
     assert compared.filter(pl.col("quantiser") == "rq-vae (argmin)").height == 2
     assert compared.filter(pl.col("quantiser") == "faiss ResidualQuantizer")["collision_rate"].is_between(0, 1).all()
-    quality = result.asset_materializations_for_node("quantiser_comparison")[0].metadata["codebook_quality"].value
+    quality = result.asset_materializations_for_node("rq_comparison")[0].metadata["codebook_quality"].value
     assert "rq-vae (argmin)" in quality and "rq-vae (sinkhorn)" in quality and "faiss" in quality
 
     rows = storage.read("ranking_dataset", EVAL_DAY)

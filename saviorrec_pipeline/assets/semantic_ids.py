@@ -112,7 +112,7 @@ def quality_markdown(quality: list[tuple[str, dict]]) -> str:
     "The semantic IDs' codebook quality beside an RQ-VAE trained with argmin assignment and faiss' ResidualQuantizer "
     "of the same shape (collision rate, per-level utilisation and perplexity).",
 )
-def quantiser_comparison(
+def rq_comparison(
     context: dg.AssetExecutionContext, config: SemanticIdsConfig, item_embeddings: pl.DataFrame, coclick_pairs: pl.DataFrame,
     semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
@@ -120,7 +120,7 @@ def quantiser_comparison(
     architecture, training = config.setup(z.shape[1] if z.ndim == 2 else -1)
     codes = item_embeddings.select("item_id").join(semantic_ids.select("item_id", "codes"), on="item_id", how="left", maintain_order="left")
     checkpoints = StageCheckpoints(context, storage)
-    with tracking.start_run(context, "quantiser_comparison") as run:
+    with tracking.start_run(context, "rq_comparison") as run:
         run.log_params({"preset": config.preset, "num_levels": architecture.num_levels, "codebook_size": architecture.codebook_size,
                         "code_dim": architecture.latent_dim, "items": len(z), **dataclasses.asdict(training)})
         with track_usage() as usage:
