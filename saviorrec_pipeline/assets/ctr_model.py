@@ -76,13 +76,12 @@ def ctr_model(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame,
     item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> Iterator:
-    predictions, metadata, inputs = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking)
-    yield dg.Output(predictions, metadata=metadata)
-    counts = dict(predictions.group_by("variant").len().iter_rows())
-    variants = metadata["variants"].split(", ")
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking)
+    yield dg.Output(stage.predictions, metadata=stage.metadata)
+    counts = dict(stage.predictions.group_by("variant").len().iter_rows())
     yield dg.AssetCheckResult(
-        check_name=COVERAGE_CHECK, passed=all(counts.get(v, 0) == len(inputs.evaluation) for v in variants),
-        metadata={"eval_rows": len(inputs.evaluation), **{f"{v}_predictions": counts.get(v, 0) for v in variants}},
+        check_name=COVERAGE_CHECK, passed=all(counts.get(v, 0) == stage.eval_rows for v in stage.variants),
+        metadata={"eval_rows": stage.eval_rows, **{f"{v}_predictions": counts.get(v, 0) for v in stage.variants}},
     )
 
 
@@ -95,17 +94,24 @@ def ctr_ablations(
     context: dg.AssetExecutionContext, config: CTRAblationsConfig, ranking_dataset: pl.DataFrame,
     item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
-    predictions, metadata, _ = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking, register=False)
-    return dg.Output(predictions, metadata=metadata)
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking, register=False)
+    return dg.Output(stage.predictions, metadata=stage.metadata)
+
+
+@dataclasses.dataclass
+class TrainedVariants:
+    predictions: pl.DataFrame  # every variant's, on the evaluation window
+    metadata: dict  # the stage's Dagster metadata
+    variants: list[str]
+    eval_rows: int
 
 
 def train_variants(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame, item_embeddings: pl.DataFrame,
     semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking, register: bool = True,
-) -> tuple[pl.DataFrame, dict, CTRInputs]:
+) -> TrainedVariants:
     """Every variant of `config` trained on the day's rows, each in an MLflow run nested under the
-    stage's: their evaluation-window predictions, the stage's metadata and the inputs. With
-    `register`, saviorrec is registered as the served model."""
+    stage's. With `register`, saviorrec is registered as the served model."""
     variants, architecture, settings = config.setup()
     rqvae, _ = load_rqvae(semantic_ids["model_uri"][0], tracking)
     inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(),
@@ -118,19 +124,19 @@ def train_variants(
         summary = [_train_and_register(context, tracking, parent, inputs, variant, architecture, settings, checkpoints, register) for variant in variants]
         parent.log_metrics({f"{row['variant']}_eval_auc": row["eval_auc"] for row in summary})
     predictions = pl.concat(row.pop("predictions") for row in summary)
-    return predictions, {
+    return TrainedVariants(predictions, {
         "variants": ", ".join(variants), "eval_rows": len(inputs.evaluation), "train_rows": len(inputs.train),
         "mlflow_parent_run_id": parent.run_id, "results": dg.MetadataValue.md(_summary_markdown(summary)),
         **{f"{row['variant']}_{key}": row[key] for row in summary for key in ("epochs", "train_samples_per_s", "model_uri")},
-    }, inputs
+    }, variants, len(inputs.evaluation))
 
 
 def _train_and_register(
     context: dg.AssetExecutionContext, tracking: MlflowTracking, parent: TrackedRun, inputs: CTRInputs, variant: str,
     architecture: dict, settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool,
 ) -> dict:
-    """One variant in its own MLflow run, nested under the stage's: trained, registered, its
-    evaluation-window predictions and its summary row."""
+    """One variant in its own MLflow run, nested under the stage's: trained, logged (registered when
+    `register` and the variant is saviorrec), its evaluation-window predictions and its summary row."""
     with tracking.start_run(context, f"{context.asset_key.to_user_string()}/{variant}", parent=parent) as run:
         with track_usage() as usage:
             trained = train_variant(inputs, variant, architecture, settings, checkpoints=checkpoints, on_epoch=epoch_reporter(context, run, f"{variant} "))
