@@ -91,7 +91,8 @@ class Checkpoint:
         for name, value in self.tensors.items():
             if name.startswith(_OPTIMIZER):
                 index, key = name.removeprefix(_OPTIMIZER).split(".", 1)
-                per_parameter.setdefault(int(index), {})[key] = value
+                # A copy: the optimizer updates its state in place, and would change this checkpoint.
+                per_parameter.setdefault(int(index), {})[key] = value.clone()
         state.optimizer.load_state_dict({"state": per_parameter, "param_groups": self.optimizer_rest["param_groups"]})
 
     def to_bytes(self) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from saviorrec_pipeline.assets import auc_report, coclick, ctr_model, encoder, ranking_dataset, raw, semantic_ids
+from saviorrec_pipeline.assets import auc_report, champion, coclick, ctr_model, encoder, ranking_dataset, raw, semantic_ids
 from saviorrec_pipeline.jobs import chain_job, paper_tables_job
 from saviorrec_pipeline.partitions import SETTINGS, TrainEvalWindow
 from saviorrec_pipeline.resources.raw import RawStore
@@ -21,7 +21,7 @@ from saviorrec_pipeline.schedules import daily_retrain
 from saviorrec_pipeline.sensors import raw_day_landed
 from saviorrec_pipeline.settings import Settings
 
-STAGES = [raw, coclick, encoder, semantic_ids, ranking_dataset, ctr_model, auc_report]
+STAGES = [raw, coclick, encoder, semantic_ids, ranking_dataset, ctr_model, champion, auc_report]
 all_assets = dg.load_assets_from_modules(STAGES)
 all_checks = dg.load_asset_checks_from_modules(STAGES)
 

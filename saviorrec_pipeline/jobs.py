@@ -10,8 +10,9 @@ chain_job = dg.define_asset_job(
     "saviorrec_chain",
     selection=dg.AssetSelection.all() - paper_assets,
     description="What production needs for one day D: validate the raw sources, mine co-clicks from D's training window, "
-    "train SaviorEnc, embed the catalog, assign RQ-VAE semantic IDs, build the ranking dataset, train the CTR model "
-    "(saviorrec and base) and report AUC per PV bucket.",
+    "train SaviorEnc and the RQ-VAE when due (else reuse the champions'), embed and code the catalog, build the ranking dataset, "
+    "train the CTR challenger (saviorrec and base, going on from the champion's state), gate it against the champion and report "
+    "AUC per PV bucket.",
 )
 
 paper_tables_job = dg.define_asset_job(

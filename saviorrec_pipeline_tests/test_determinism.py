@@ -54,7 +54,7 @@ def test_same_partition_twice_gives_the_same_rows_and_metrics(demo_raw, tmp_path
     first_outputs, first_metrics = _materialize_chain(demo_raw, tmp_path / "first")
     second_outputs, second_metrics = _materialize_chain(demo_raw, tmp_path / "second")
 
-    stages = {"coclick_pairs", "item_encoder", "item_embeddings", "semantic_ids", "ranking_dataset", "ctr_model", "auc_report"}
+    stages = {"coclick_pairs", "item_encoder", "item_embeddings", "semantic_ids", "ranking_dataset", "ctr_model", "champion_gate", "auc_report"}
     assert first_outputs.keys() == second_outputs.keys() == stages
     for stage in sorted(stages):
         assert first_outputs[stage].height > 0, stage

@@ -33,7 +33,7 @@ LAST_DAY = START + dt.timedelta(days=DAYS - 1)  # 2025-07-05
 
 STAGES = (
     "impressions", "item_catalog", "user_profiles", "coclick_pairs", "item_encoder", "item_embeddings",
-    "i2i_retrieval", "semantic_ids", "rq_comparison", "ranking_dataset", "ctr_model", "ctr_ablations", "auc_report",
+    "i2i_retrieval", "semantic_ids", "rq_comparison", "ranking_dataset", "ctr_model", "ctr_ablations", "champion_gate", "auc_report",
 )
 CHEAP_STAGES = ("impressions", "item_catalog", "user_profiles", "coclick_pairs")
 

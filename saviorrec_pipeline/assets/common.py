@@ -1,13 +1,18 @@
 """What the stage assets share: their groups and the training pool, progress reports to the Dagster
-log and MLflow, and the checkpoints of a stage's training runs."""
+log and MLflow, the checkpoints of a stage's training runs, and when a model is due to retrain."""
+
+import datetime as dt
+import json
+from dataclasses import dataclass
 
 import dagster as dg
+from pydantic import Field
 
 from saviorrec_pipeline.checkpoints import CheckpointFile
 from saviorrec_pipeline.method.training import EpochReport, StepReport
-from saviorrec_pipeline.partitions import daily_partitions
+from saviorrec_pipeline.partitions import SETTINGS, daily_partitions
 from saviorrec_pipeline.resources.storage import ParquetStorage
-from saviorrec_pipeline.resources.tracking import TrackedRun
+from saviorrec_pipeline.resources.tracking import ChampionVersion, MlflowTracking, TrackedRun
 
 RAW_GROUP, SAVIORENC_GROUP, RANKING_GROUP = "raw", "saviorenc", "ranking"
 PAPER_GROUP = "paper_tables"  # the paper's comparisons, built on demand by the paper_tables job, not daily
@@ -70,3 +75,43 @@ class StageCheckpoints:
     def summary(self) -> str:
         """Where the stage's runs started, in one metadata value."""
         return ", ".join(dict.fromkeys(self.resumed_from.values())) or "start"
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """Whether a stage trains its model today or reuses the champion's, and why."""
+
+    train: bool
+    champion: ChampionVersion | None
+    reason: str
+
+
+def refresh_due(tracking: MlflowTracking, name: str, partition: str, every_days: int, requested: bool) -> Refresh:
+    """Train on the first partition, when asked, or when the champion was trained for a day at
+    least `every_days` before `partition`; otherwise reuse the champion."""
+    champion = tracking.champion(name)
+    if champion is None:
+        return Refresh(True, None, f"no {name}@champion yet")
+    if requested:
+        return Refresh(True, champion, "refresh requested")
+    age = (dt.date.fromisoformat(partition) - dt.date.fromisoformat(champion.partition or partition)).days
+    return Refresh(age >= every_days, champion, f"{name}@champion (version {champion.version}, trained for {champion.partition}) is {age} days old; refresh every {every_days}")
+
+
+class RefreshConfig(dg.Config):
+    """When the stage's model retrains (the rest of the time the champion's is reused)."""
+
+    refresh: bool = Field(default=False, description="train a new model today, whatever the champion's age")
+    refresh_days: int = Field(
+        default=SETTINGS.refresh_days, ge=1,
+        description="retrain when the champion's was trained for a day this many days back (SAVIORREC_REFRESH_DAYS, 7)",
+    )
+
+
+def check_same_architecture(champion_uri: str, champion: dict, configured: dict, stage: str) -> None:
+    """Refuse to reuse a champion when today's configuration asks for another architecture."""
+    differ = [key for key in configured if json.dumps(champion.get(key)) != json.dumps(configured[key])]
+    if differ:
+        shapes = "; ".join(f"{key}: {champion.get(key)} in {champion_uri}, {configured[key]} configured" for key in differ)
+        raise ValueError(f"{stage}: the configuration asks for another architecture than the champion's ({shapes}); set `refresh: true` "
+                         f"in {stage}'s config to train one, or undo the change")

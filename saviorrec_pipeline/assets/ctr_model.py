@@ -1,6 +1,8 @@
 """ctr_model: train the SaviorRec ranking model and its baselines, predict the evaluation window."""
 
 import dataclasses
+import datetime as dt
+import json
 from typing import Iterator, Literal
 
 import dagster as dg
@@ -12,13 +14,18 @@ from saviorrec_pipeline.assets.common import PAPER_GROUP, RANKING_GROUP, StageCh
 from saviorrec_pipeline.assets.semantic_ids import load_rqvae
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.ctr_model import VARIANTS, CTRConfig, CTRModel
-from saviorrec_pipeline.method.ctr_training import CTRInputs, CTRTrainConfig, ctr_inputs, train_variant
+from saviorrec_pipeline.checkpoints import Checkpoint
+from saviorrec_pipeline.method.ctr_training import Champion, CTRInputs, CTRTrainConfig, ctr_inputs, train_variant
+from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
 
 CTR_MODEL = "saviorrec-ctr"  # the saviorrec variant, the one served; the baselines are logged in their runs, not registered
+CHAMPION_VARIANT = "saviorrec"
 CONFIG = "ctr_config.json"
+TRAINING_STATE = "training_state.safetensors"  # beside each CTR model: what a warm start goes on from
+VARIANT_MODELS_TAG = "variant_models"  # on a registered version: every variant trained with it, by model URI
 COVERAGE_CHECK = "predictions_cover_evaluation_rows"
 ARCHITECTURE_FIELDS = ("mba_dim", "id_dim", "attention_dim", "heads", "user_buckets")
 
@@ -49,6 +56,11 @@ class CTRModelConfig(dg.Config):
     heads: int | None = Field(default=None, ge=1, description="8")
     user_buckets: int | None = Field(default=None, ge=1, description="user ids are hashed into this many embedding rows (100,003)")
     use_base_pctr: bool = Field(default=True, description="feed base_pctr to the DNN when the raw data has it")
+    from_scratch: bool = Field(
+        default=False,
+        description="train fresh weights on the whole training window; unset, each variant goes on from the champion's training state "
+        "on the days the champion has not trained on (`epochs` passes over them, default 1)",
+    )
     seed: int | None = None
 
     def setup(self) -> tuple[list[str], dict, CTRTrainConfig]:
@@ -74,9 +86,9 @@ class CTRAblationsConfig(CTRModelConfig):
 )
 def ctr_model(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame,
-    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
+    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> Iterator:
-    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking)
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking)
     yield dg.Output(stage.predictions, metadata=stage.metadata)
     counts = dict(stage.predictions.group_by("variant").len().iter_rows())
     yield dg.AssetCheckResult(
@@ -92,9 +104,9 @@ def ctr_model(
 )
 def ctr_ablations(
     context: dg.AssetExecutionContext, config: CTRAblationsConfig, ranking_dataset: pl.DataFrame,
-    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
+    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
-    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, storage, tracking, register=False)
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking, register=False)
     return dg.Output(stage.predictions, metadata=stage.metadata)
 
 
@@ -108,46 +120,101 @@ class TrainedVariants:
 
 def train_variants(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame, item_embeddings: pl.DataFrame,
-    semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking, register: bool = True,
+    semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking, register: bool = True,
 ) -> TrainedVariants:
     """Every variant of `config` trained on the day's rows, each in an MLflow run nested under the
-    stage's. With `register`, saviorrec is registered as the served model."""
+    stage's. With `register`, saviorrec is registered as the served model, and the variants go on
+    from the champion's training states (`warm_start`); unregistered ablations start from scratch."""
     variants, architecture, settings = config.setup()
-    rqvae, _ = load_rqvae(semantic_ids["model_uri"][0], tracking)
-    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(),
-                        architecture["user_buckets"], config.use_base_pctr, f"ranking_dataset {context.partition_key}")
+    rqvae_uri = semantic_ids["model_uri"][0]
+    rqvae, rqvae_saved = load_rqvae(rqvae_uri, tracking)
+    partition = context.partition_key
+    start = warm_start(tracking, variants, partition, window, from_scratch=config.from_scratch or not register)
+    context.log.info(f"ctr_model for {partition}: {start.reason}")
+    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(), architecture["user_buckets"],
+                        config.use_base_pctr, f"ranking_dataset {partition}", vocabularies=start.vocabularies, train_after=start.train_after)
     settings = dataclasses.replace(settings, sequence_length=inputs.sequence_length)
+    trained_days = sorted({str(day) for day in inputs.train_days})
+    lineage = {"trained_through": str(window.training_days(partition)[-1]), "trained_days": trained_days,
+               "encoder_uri": rqvae_saved.get("encoder_uri"), "rqvae_uri": rqvae_uri}
     checkpoints = StageCheckpoints(context, storage)
     stage = context.asset_key.to_user_string()
     with tracking.start_run(context, stage) as parent:
-        parent.log_params({"variants": ",".join(variants), "train_rows": len(inputs.train), "eval_rows": len(inputs.evaluation), **dataclasses.asdict(settings)})
-        summary = [_train_and_register(context, tracking, parent, inputs, variant, architecture, settings, checkpoints, register) for variant in variants]
+        parent.log_params({"variants": ",".join(variants), "train_rows": len(inputs.train), "eval_rows": len(inputs.evaluation),
+                           "warm_start_from": start.source, "trained_days": ",".join(trained_days), **dataclasses.asdict(settings)})
+        summary = [
+            _train_and_register(context, tracking, parent, inputs, variant, architecture, settings, checkpoints, register, start.models.get(variant), lineage)
+            for variant in variants
+        ]
         parent.log_metrics({f"{row['variant']}_eval_auc": row["eval_auc"] for row in summary})
+    uris = {row["variant"]: row["model_uri"] for row in summary}
+    if register and CHAMPION_VARIANT in uris:
+        # The gate promotes the registered variant; a warm start finds the others' states through it.
+        tracking.tag_version(uris[CHAMPION_VARIANT], {VARIANT_MODELS_TAG: json.dumps(uris)})
     predictions = pl.concat(row.pop("predictions") for row in summary)
     return TrainedVariants(predictions, {
         "variants": ", ".join(variants), "eval_rows": len(inputs.evaluation), "train_rows": len(inputs.train),
+        "warm_start_from": start.source, "warm_start_reason": start.reason, "trained_days": len(trained_days),
+        "trained_day_list": ", ".join(trained_days) or "none",
         "mlflow_parent_run_id": parent.run_id, "results": dg.MetadataValue.md(_summary_markdown(summary)),
         **{f"{row['variant']}_{key}": row[key] for row in summary for key in ("epochs", "train_samples_per_s", "model_uri")},
     }, variants, len(inputs.evaluation))
 
 
+@dataclasses.dataclass
+class StartingPoint:
+    """Where the day's variants start: the champion's states (by variant) or scratch, and why."""
+
+    source: str  # the champion's model URI, or "scratch"
+    reason: str
+    models: dict[str, Champion]  # empty from scratch
+    vocabularies: dict[str, list[str]] | None = None  # the champion's profile vocabularies
+    train_after: dt.date | None = None  # the last day the champion trained on
+
+
+def warm_start(tracking: MlflowTracking, variants: list[str], partition: str, window: TrainEvalWindow, from_scratch: bool) -> StartingPoint:
+    """Go on from the champion's training states when there is a champion that has not trained
+    through the partition's training window, unless `from_scratch`."""
+    if from_scratch:
+        return StartingPoint("scratch", "from_scratch: training fresh weights on the whole window", {})
+    champion = tracking.champion(CTR_MODEL)
+    if champion is None:
+        return StartingPoint("scratch", f"no {CTR_MODEL}@champion yet: training fresh weights on the whole window", {})
+    companions = json.loads(champion.tags.get(VARIANT_MODELS_TAG, "{}"))
+    missing = [v for v in variants if v not in companions]
+    if missing:
+        return StartingPoint("scratch", f"{champion.uri} has no trained state for {', '.join(missing)}: training fresh weights on the whole window", {})
+    models = {variant: load_champion(uri, tracking) for variant, uri in companions.items() if variant in variants}
+    saved = models[CHAMPION_VARIANT][1] if CHAMPION_VARIANT in models else next(iter(models.values()))[1]
+    through, last = dt.date.fromisoformat(saved["trained_through"]), window.training_days(partition)[-1]
+    if through >= last:
+        return StartingPoint("scratch", f"{champion.uri} trained through {through}, not before this window's last training day {last}: "
+                             "training fresh weights on the whole window", {})
+    return StartingPoint(champion.uri, f"going on from {champion.uri} (trained through {through}) on the days after it",
+                         {variant: model for variant, (model, _) in models.items()}, saved["vocabularies"], through)
+
+
 def _train_and_register(
     context: dg.AssetExecutionContext, tracking: MlflowTracking, parent: TrackedRun, inputs: CTRInputs, variant: str,
-    architecture: dict, settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool,
+    architecture: dict, settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool, warm_from: Champion | None, lineage: dict,
 ) -> dict:
-    """One variant in its own MLflow run, nested under the stage's: trained, logged (registered when
-    `register` and the variant is saviorrec), its evaluation-window predictions and its summary row."""
+    """One variant in its own MLflow run, nested under the stage's: trained (from `warm_from`'s
+    state when given), logged with its final training state (registered when `register` and the
+    variant is saviorrec), its evaluation-window predictions and its summary row."""
     with tracking.start_run(context, f"{context.asset_key.to_user_string()}/{variant}", parent=parent) as run:
         with track_usage() as usage:
-            trained = train_variant(inputs, variant, architecture, settings, checkpoints=checkpoints, on_epoch=epoch_reporter(context, run, f"{variant} "))
+            trained = train_variant(inputs, variant, architecture, settings, warm_from=warm_from, checkpoints=checkpoints,
+                                    on_epoch=epoch_reporter(context, run, f"{variant} "))
         final = {"eval_auc": trained.training.history[-1].get("eval_auc", float("nan")), "eval_logloss": trained.training.history[-1]["eval_logloss"]}
         run.log_params({"variant": variant, **trained.model.config.to_dict(), **dataclasses.asdict(settings), "epochs_chosen": trained.training.epochs})
         run.log_metrics(final | {"train_samples_per_s": trained.training.samples_per_s, "peak_rss_mib": usage.peak_rss_bytes / 2**20})
-        saved = {"architecture": trained.model.config.to_dict(), "vocabularies": inputs.vocabularies, "sequence_length": inputs.sequence_length}
-        if register and variant == "saviorrec":
-            model_uri = run.log_registered_model(CTR_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
+        saved = {"architecture": trained.model.config.to_dict(), "vocabularies": inputs.vocabularies, "sequence_length": inputs.sequence_length,
+                 "schedule": {"steps_done": trained.training.steps_done, "total_steps": trained.training.total_steps}, **lineage}
+        files = {TRAINING_STATE: trained.training.final_state.to_bytes()}
+        if register and variant == CHAMPION_VARIANT:
+            model_uri = run.log_registered_model(CTR_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context), files)
         else:
-            run.log_model(trained.model.state_dict(), saved, CONFIG)
+            run.log_model(trained.model.state_dict(), saved, CONFIG, files=files)
             model_uri = f"runs:/{run.run_id}/model"
     predictions = inputs.eval_rows.select(
         "user_id", "item_id", "ts", pl.lit(variant).alias("variant"), pl.Series("pctr", trained.scores, dtype=pl.Float32),
@@ -170,6 +237,14 @@ def _summary_markdown(summary: list[dict]) -> str:
                      f"{row['peak_rss_mib']:.0f}", row["resumed_from"], row["model_uri"], row["run_id"]))
     header = ["variant", "eval AUC", "eval log loss", "epochs (held-out AUC per epoch)", "train samples/s", "peak RSS MiB", "resumed from", "model", "MLflow run"]
     return table(header, rows)
+
+
+def load_champion(model_uri: str, tracking: MlflowTracking) -> tuple[Champion, dict]:
+    """A CTR model with its final training state, to go on from or to score with; and its saved config."""
+    saved, weights = tracking.load_model_files(model_uri, CONFIG)
+    state = Checkpoint.from_bytes(tracking.load_model_file(model_uri, TRAINING_STATE))
+    schedule = saved["schedule"]
+    return Champion(CTRConfig.from_dict(saved["architecture"]), weights, state, schedule["steps_done"], schedule["total_steps"]), saved
 
 
 def load_ctr_model(model_uri: str, tracking: MlflowTracking) -> tuple[CTRModel, dict]:

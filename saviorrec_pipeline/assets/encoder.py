@@ -11,7 +11,9 @@ import polars as pl
 from pydantic import Field
 
 from saviorrec_pipeline import presets
-from saviorrec_pipeline.assets.common import PAPER_GROUP, SAVIORENC_GROUP, StageCheckpoints, epoch_reporter, step_reporter, training_asset
+from saviorrec_pipeline.assets.common import (
+    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, check_same_architecture, epoch_reporter, refresh_due, step_reporter, training_asset,
+)
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, with_text_tower
@@ -27,8 +29,9 @@ ENCODER_MODEL = "saviorrec-item-encoder"
 CONFIG = "encoder_config.json"
 
 
-class ItemEncoderConfig(dg.Config):
-    """A preset (architecture and training together); a field set here overrides the preset's."""
+class ItemEncoderConfig(RefreshConfig):
+    """A preset (architecture and training together); a field set here overrides the preset's.
+    The encoder trains when it is due (`refresh_days`, `refresh`); otherwise the champion's is used."""
 
     preset: Literal[presets.names("encoder")] = Field(default="tiny", description="architecture and training defaults")
     epochs: int | None = Field(default=None, ge=1, description="i2i alignment epochs (paper: 10)")
@@ -57,7 +60,7 @@ def read_catalog(raw: RawStore) -> pl.DataFrame:
 
 @training_asset(
     SAVIORENC_GROUP, ["coclick_pairs"],
-    "SaviorEnc stage 1 trained on the partition's co-click pairs; its registered model (`model_uri`).",
+    "SaviorEnc stage 1 trained on the partition's co-click pairs when due, else the champion encoder; its registered model (`model_uri`).",
     deps=["item_catalog"],
 )
 def item_encoder(
@@ -65,6 +68,10 @@ def item_encoder(
     raw: RawStore, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
     architecture, training = config.setup()
+    due = refresh_due(tracking, ENCODER_MODEL, context.partition_key, config.refresh_days, config.refresh)
+    context.log.info(f"item_encoder for {context.partition_key}: {'training' if due.train else 'reusing the champion'}: {due.reason}")
+    if not due.train:
+        return reused_encoder(due, architecture.to_dict(), tracking)
     checkpoints = StageCheckpoints(context, storage)
     with tracking.start_run(context, "item_encoder") as run:
         with track_usage() as usage:
@@ -76,18 +83,38 @@ def item_encoder(
         if trained.domain_adaptation.startswith("skipped"):
             context.log.warning(f"domain adaptation {trained.domain_adaptation}; training by i2i alignment alone")
         run.log_params({"preset": config.preset, **dataclasses.asdict(trained.training), "domain_adaptation": trained.domain_adaptation,
-                        "pairs": trained.pairs, "items": trained.items, **{f"arch.{k}": json.dumps(v) for k, v in architecture.to_dict().items()}})
+                        "pairs": trained.pairs, "items": trained.items, "refresh_reason": due.reason,
+                        **{f"arch.{k}": json.dumps(v) for k, v in architecture.to_dict().items()}})
         run.log_metrics({"final_loss": trained.history[-1], "train_seconds": usage.seconds, "pairs_per_s": trained.pairs_trained / usage.seconds})
         saved = {"architecture": architecture.to_dict(), "training": dataclasses.asdict(trained.training), "initial_weights": config.checkpoint_path}
         model_uri = run.log_registered_model(ENCODER_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
-    reference = pl.DataFrame({"model_uri": [model_uri], "run_id": [run.run_id], "final_loss": [trained.history[-1]],
-                              "pairs": [trained.pairs], "items": [trained.items]})
+    reference = model_reference(model_uri, run.run_id, context.partition_key, final_loss=trained.history[-1], pairs=trained.pairs, items=trained.items)
     return dg.Output(reference, metadata={
-        "model_uri": model_uri, "mlflow_run_id": run.run_id, "device": str(device_for_training()), "pairs": trained.pairs,
+        "training": "trained", "model_uri": model_uri, "model_version": model_uri.rsplit("/", 1)[1], "refresh_reason": due.reason,
+        "mlflow_run_id": run.run_id, "device": str(device_for_training()), "pairs": trained.pairs,
         "epochs": trained.training.epochs, "domain_adaptation": trained.domain_adaptation, "resumed_from": checkpoints.summary(),
         "loss_first_epoch": round(trained.history[0], 4), "loss_last_epoch": round(trained.history[-1], 4),
         "loss_per_epoch": dg.MetadataValue.md(" | ".join(f"{x:.3f}" for x in trained.history)),
         **usage.metadata(trained.pairs_trained, unit="pairs"),
+    })
+
+
+REFERENCE_SCHEMA = {"model_uri": pl.String, "run_id": pl.String, "trained_for": pl.String, "final_loss": pl.Float64, "pairs": pl.Int64, "items": pl.Int64}
+
+
+def model_reference(model_uri: str, run_id: str, trained_for: str, final_loss: float | None = None, pairs: int | None = None, items: int | None = None) -> pl.DataFrame:
+    """item_encoder's one-row output: the encoder the day uses, the MLflow run and the day that
+    trained it, and figures of that training (null when the champion's was reused)."""
+    return pl.DataFrame([{"model_uri": model_uri, "run_id": run_id, "trained_for": trained_for, "final_loss": final_loss, "pairs": pairs, "items": items}],
+                        schema=REFERENCE_SCHEMA)
+
+
+def reused_encoder(due: Refresh, architecture: dict, tracking: MlflowTracking) -> dg.Output[pl.DataFrame]:
+    champion = due.champion
+    check_same_architecture(champion.uri, tracking.load_model_files(champion.uri, CONFIG)[0]["architecture"], architecture, "item_encoder")
+    return dg.Output(model_reference(champion.uri, champion.run_id, champion.partition or ""), metadata={
+        "training": "reused", "model_uri": champion.uri, "model_version": champion.version, "refresh_reason": due.reason,
+        "mlflow_run_id": champion.run_id,
     })
 
 

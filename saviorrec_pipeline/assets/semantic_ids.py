@@ -7,13 +7,20 @@ from typing import Literal
 import dagster as dg
 import numpy as np
 import polars as pl
+import torch
 from pydantic import Field
 
 from saviorrec_pipeline import presets
-from saviorrec_pipeline.assets.common import PAPER_GROUP, SAVIORENC_GROUP, StageCheckpoints, epoch_reporter, training_asset
+from saviorrec_pipeline.assets.common import (
+    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, check_same_architecture, epoch_reporter, refresh_due, training_asset,
+)
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.item_rows import embedding_matrix, pair_rows
-from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, RQVAETrainConfig, compare_quantisers, train_semantic_ids
+from saviorrec_pipeline.method.code_churn import keep_code_numbers
+from saviorrec_pipeline.method.device import device_for_training
+from saviorrec_pipeline.method.rqvae import (
+    RQVAE, RQVAEConfig, RQVAETrainConfig, SemanticIds, assign_codes, codebook_quality, compare_quantisers, train_semantic_ids,
+)
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -22,8 +29,10 @@ RQVAE_MODEL = "saviorrec-rqvae"
 CONFIG = "rqvae_config.json"
 
 
-class SemanticIdsConfig(dg.Config):
-    """A preset (architecture and training together); a field set here overrides the preset's."""
+class SemanticIdsConfig(RefreshConfig):
+    """A preset (architecture and training together); a field set here overrides the preset's. The
+    RQ-VAE trains when it is due (`refresh_days`, `refresh`) or when the encoder changed; otherwise the
+    champion's codes today's catalog."""
 
     preset: Literal[presets.names("rqvae")] = "tiny"
     num_levels: int | None = Field(default=None, ge=1, description="L codebooks")
@@ -50,46 +59,106 @@ class SemanticIdsConfig(dg.Config):
 
 
 @training_asset(
-    SAVIORENC_GROUP, ["item_embeddings", "coclick_pairs"],
-    "RQ-VAE semantic IDs (L codes per item) of the item embeddings, with reconstruction error and the model (`model_uri`).",
+    SAVIORENC_GROUP, ["item_embeddings", "coclick_pairs", "item_encoder"],
+    "RQ-VAE semantic IDs (L codes per item) of the item embeddings, with reconstruction error and the model (`model_uri`): "
+    "the champion's, or one trained today whose code numbers follow the champion's.",
 )
 def semantic_ids(
-    context: dg.AssetExecutionContext, config: SemanticIdsConfig, item_embeddings: pl.DataFrame,
-    coclick_pairs: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
+    context: dg.AssetExecutionContext, config: SemanticIdsConfig, item_embeddings: pl.DataFrame, coclick_pairs: pl.DataFrame,
+    item_encoder: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
-    where = f"item_embeddings for {context.partition_key}"
+    partition = context.partition_key
+    where = f"item_embeddings for {partition}"
     if item_embeddings.is_empty():
         raise ValueError(f"{where} has no rows")
     z = embedding_matrix(item_embeddings)
     architecture, training = config.setup(z.shape[1] if z.ndim == 2 else -1)
+    encoder_uri = item_encoder["model_uri"][0]
+    due = refresh_due(tracking, RQVAE_MODEL, partition, config.refresh_days, config.refresh)
+    if not due.train:
+        champion, saved = load_rqvae(due.champion.uri, tracking)
+        if saved.get("encoder_uri") != encoder_uri:
+            due = dataclasses.replace(due, train=True, reason=f"the encoder changed: {encoder_uri}, not the {saved.get('encoder_uri')} {due.champion.uri} codes")
+    context.log.info(f"semantic_ids for {partition}: {'training' if due.train else 'reusing the champion'}: {due.reason}")
+    if not due.train:
+        check_same_architecture(due.champion.uri, saved["architecture"], architecture.to_dict(), "semantic_ids")
+        codes, errors = assign_codes(champion, torch.from_numpy(z), saved["inference_assignment"], device_for_training(), training.batch_size)
+        quality = codebook_quality(codes, architecture.codebook_size)
+        return dg.Output(codes_table(item_embeddings, codes, errors, due.champion.uri), metadata={
+            "training": "reused", "model_uri": due.champion.uri, "model_version": due.champion.version, "refresh_reason": due.reason,
+            "items": len(z), **_figures(quality, errors), "codebook_quality": dg.MetadataValue.md(quality_markdown([("rq-vae (sinkhorn)", quality)])),
+        })
     checkpoints = StageCheckpoints(context, storage)
     pairs = pair_rows(coclick_pairs, item_embeddings["item_id"].to_numpy())
     with tracking.start_run(context, "semantic_ids") as run:
         run.log_params({"preset": config.preset, "num_levels": architecture.num_levels, "codebook_size": architecture.codebook_size,
-                        "code_dim": architecture.latent_dim, "hidden_dims": json.dumps(architecture.hidden_dims),
+                        "code_dim": architecture.latent_dim, "hidden_dims": json.dumps(architecture.hidden_dims), "refresh_reason": due.reason,
                         "inference_assignment": config.inference_assignment, "items": len(z), "pairs": len(pairs), **dataclasses.asdict(training)})
         with track_usage() as usage:
             result = train_semantic_ids(
                 z, pairs, architecture, training, inference_assignment=config.inference_assignment,
                 checkpoints=checkpoints, on_epoch=epoch_reporter(context, run), where=where,
             )
-        figures = quality_figures(result.quality) | {"reconstruction_mse": float(result.errors.mean())}
-        run.log_metrics(figures | {"train_seconds": usage.seconds})
-        saved = {"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment}
+        churn = _keep_code_numbers(context, result, item_embeddings, due, storage, tracking)
+        figures = _figures(result.quality, result.errors) | {
+            f"{name}_churn_level_{l + 1}": share for name, key in (("code", "level"), ("prefix", "prefix")) for l, share in enumerate(churn.get(key, []))
+        }
+        run.log_metrics(quality_figures(result.quality) | figures | {"train_seconds": usage.seconds})
+        saved = {"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment, "encoder_uri": encoder_uri}
         model_uri = run.log_registered_model(RQVAE_MODEL, result.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
-    codes = pl.DataFrame({
-        "item_id": item_embeddings["item_id"],
-        "codes": pl.Series(result.codes.astype(np.int32), dtype=pl.Array(pl.Int32, architecture.num_levels)),
-        "reconstruction_error": result.errors.astype(np.float32),
-        "model_uri": model_uri,
-    })
+    codes = codes_table(item_embeddings, result.codes, result.errors, model_uri)
     return dg.Output(codes, metadata={
-        "items": codes.height, "model_uri": model_uri, "mlflow_run_id": run.run_id, "resumed_from": checkpoints.summary(),
-        "shape": f"L={architecture.num_levels}, K={architecture.codebook_size}, d={architecture.latent_dim}",
-        **{key: round(figures[key], 6) for key in ("collision_rate", "reconstruction_mse")},
+        "training": "trained", "model_uri": model_uri, "model_version": model_uri.rsplit("/", 1)[1], "refresh_reason": due.reason,
+        "items": codes.height, "mlflow_run_id": run.run_id, "resumed_from": checkpoints.summary(),
+        "shape": f"L={architecture.num_levels}, K={architecture.codebook_size}, d={architecture.latent_dim}", **figures,
         "loss_last_epoch": round(result.history[-1]["loss"], 5),
         "codebook_quality": dg.MetadataValue.md(quality_markdown([("rq-vae (sinkhorn)", result.quality)])),
+        **({"code_churn": dg.MetadataValue.md(churn_markdown(churn))} if churn else {}),
         **usage.metadata(len(z) * training.epochs, unit="item_epochs"),
+    })
+
+
+def _keep_code_numbers(
+    context: dg.AssetExecutionContext, result: SemanticIds, item_embeddings: pl.DataFrame, due: Refresh, storage: ParquetStorage, tracking: MlflowTracking,
+) -> dict:
+    """Renumber a refreshed model's codes (and reorder its codebooks) to match the champion's codes
+    of the same items, read from the semantic_ids of the day the champion trained; its churn."""
+    if due.champion is None:
+        return {}
+    try:
+        previous = storage.read("semantic_ids", due.champion.partition)
+    except FileNotFoundError as missing:
+        context.log.warning(f"semantic_ids: codes are not matched to {due.champion.uri}'s: {missing}")
+        return {}
+    shape = result.model.config
+    champion_shape = tracking.load_model_files(due.champion.uri, CONFIG)[0]["architecture"]
+    if (champion_shape["num_levels"], champion_shape["codebook_size"]) != (shape.num_levels, shape.codebook_size):
+        context.log.warning(f"semantic_ids: codes are not matched to {due.champion.uri}'s, whose shape (L, K) differs")
+        return {}
+    codebooks, result.codes, churn = keep_code_numbers(
+        result.model.codebooks, item_embeddings["item_id"].to_numpy(), result.codes, previous["item_id"].to_numpy(), np.stack(previous["codes"].to_numpy())
+    )
+    with torch.no_grad():
+        result.model.codebooks.copy_(codebooks)
+    return churn
+
+
+def churn_markdown(churn: dict) -> str:
+    rows = [(l + 1, f"{100 * churn['unmatched_level'][l]:.1f}%", f"{100 * churn['level'][l]:.1f}%", f"{100 * churn['prefix'][l]:.1f}%")
+            for l in range(len(churn["level"]))]
+    return f"{churn['items_in_both'][0]} items in both models\n\n" + table(["level", "changed before matching", "changed", "prefix changed"], rows, numeric_columns=3)
+
+
+def _figures(quality: dict, errors: np.ndarray) -> dict[str, float]:
+    return {"collision_rate": round(quality["collision_rate"], 6), "reconstruction_mse": round(float(errors.mean()), 6)}
+
+
+def codes_table(item_embeddings: pl.DataFrame, codes: np.ndarray, errors: np.ndarray, model_uri: str) -> pl.DataFrame:
+    return pl.DataFrame({
+        "item_id": item_embeddings["item_id"],
+        "codes": pl.Series(codes.astype(np.int32), dtype=pl.Array(pl.Int32, codes.shape[1])),
+        "reconstruction_error": errors.astype(np.float32),
+        "model_uri": model_uri,
     })
 
 

@@ -6,6 +6,8 @@ Sequences stay flat (one array of all sequence items plus offsets) and are padde
 memory grows with the clicks the rows hold, not with rows x N.
 """
 
+import dataclasses
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,15 +159,29 @@ class CTRTrainConfig:
 
 
 @dataclass
+class WarmStart:
+    """Where a warm-started run goes on from: a champion's final training state (weights, their
+    moving average, Adagrad's accumulators), its item rows already carried to today's items
+    (`carry_training_state`), and the position in the champion's learning-rate schedule."""
+
+    state: Checkpoint
+    steps_done: int
+    total_steps: int
+
+
+@dataclass
 class CTRTraining:
     """What training did: the epochs it chose (and the validation AUC per epoch that chose them),
-    per-epoch figures of the final training, and its cost."""
+    per-epoch figures of the final training, its cost, and its final state (for a warm start)."""
 
     epochs: int
     selection: list[dict[str, float]]  # per epoch on the held-out slice; empty when epochs were given
     history: list[dict[str, float]]
     samples_trained: int  # rows passed through optimiser steps, both phases
     train_seconds: float  # time in those steps, not in evaluation
+    final_state: Checkpoint | None = None  # after the last epoch of the final run
+    steps_done: int = 0  # the final run's schedule position at its end
+    total_steps: int = 0  # the length of its schedule
 
     @property
     def samples_per_s(self) -> float:
@@ -192,7 +208,7 @@ def validation_split(rows: EncodedRows, fraction: float) -> tuple[EncodedRows, E
 
 def train_ctr(
     model: CTRModel, train: EncodedRows, evaluation: EncodedRows | None, settings: CTRTrainConfig, device: torch.device,
-    on_epoch: Callable[[EpochReport], None] | None = None, checkpoints: CheckpointStore | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None, checkpoints: CheckpointStore | None = None, warm: WarmStart | None = None,
 ) -> CTRTraining:
     """BCE (eq. 17) with Adagrad, the learning rate going geometrically from lr_start to lr_end
     over the epoch budget (`epochs`, or `max_epochs` when early stopping picks them). Each epoch is
@@ -203,22 +219,24 @@ def train_ctr(
     its AUC falls below its best (log loss where the slice has one class); the model then trains
     from its initial weights on all rows for the best epoch count, so the freshest rows (new items
     among them) are learnt too. Evaluation rows, when given, are only scored and reported. Given a
-    `CheckpointStore`, every epoch of both runs is saved and training resumes from the latest."""
+    `CheckpointStore`, every epoch of both runs is saved and training resumes from the latest.
+
+    A `warm` start goes on from a champion's state instead, as if its training had never stopped:
+    `epochs` passes (default 1) over `train` (the rows the champion has not seen), the champion's
+    statistics scaling, moving average and learning-rate schedule continued."""
     model.to(device)
-    model.load_stats_scale(train.stats)
-    initial = {name: value.clone() for name, value in model.state_dict().items()}
     saved = latest_checkpoint(checkpoints)
-    result = CTRTraining(settings.epochs or 0, [], [], 0, 0.0)
-
-    def counted(report: EpochReport) -> None:
-        result.samples_trained += report.examples
-        result.train_seconds += report.seconds
-        if on_epoch is not None:
-            on_epoch(report)
-
+    result = CTRTraining(settings.epochs or (1 if warm else 0), [], [], 0, 0.0)
+    counted = _counting(result, on_epoch)
     # Adagrad builds its sparse updates of the embedding tables from coalesced gradients, valid by
     # construction: torch's invariant checks stay off, said explicitly (torch warns otherwise).
     with deterministic_on_cpu(device), torch.sparse.check_sparse_tensor_invariants(enable=False):
+        if warm is not None:
+            resume = saved if saved is not None and saved.phase == "ctr" else None
+            _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, [], result, warm)
+            return result
+        model.load_stats_scale(train.stats)
+        initial = {name: value.clone() for name, value in model.state_dict().items()}
         if settings.epochs is None:
             if saved is not None and saved.phase == "ctr":
                 result.selection = [entry for entry in saved.history if "validation_auc" in entry or "validation_logloss" in entry]
@@ -229,9 +247,18 @@ def train_ctr(
             result.epochs = _best_epochs(result.selection)
             model.load_state_dict(initial)
         resume = saved if saved is not None and saved.phase == "ctr" else None
-        history = _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, result.selection)
-    result.history = history[len(result.selection):]
+        _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, result.selection, result)
     return result
+
+
+def _counting(result: CTRTraining, on_epoch: Callable[[EpochReport], None] | None) -> Callable[[EpochReport], None]:
+    def counted(report: EpochReport) -> None:
+        result.samples_trained += report.examples
+        result.train_seconds += report.seconds
+        if on_epoch is not None:
+            on_epoch(report)
+
+    return counted
 
 
 def moving_average(decay: float) -> Callable:
@@ -265,18 +292,21 @@ def _best_epochs(selection: list[dict[str, float]]) -> int:
 def _run(
     model: CTRModel, train: EncodedRows, scored: EncodedRows | None, settings: CTRTrainConfig, epochs: int, device: torch.device,
     phase: str, on_epoch: Callable[[EpochReport], None], checkpoints: CheckpointStore | None, resume: Checkpoint | None,
-    earlier: list[Figures],
+    earlier: list[Figures], result: CTRTraining | None = None, warm: WarmStart | None = None,
 ) -> list[Figures]:
     """One training run of up to `epochs` epochs; in the selection phase `scored` is the held-out
     slice and the run stops once its score drops below the best. Returns `earlier` + this run's
     per-epoch figures (checkpoints hold both, so a resumed run knows what was selected). The model
-    ends with the moving average of its weights."""
+    ends with the moving average of its weights; `result`, when given, gets the final run's
+    figures, state and schedule position. A `warm` run restores the champion's state and goes on
+    along its schedule."""
     optimizer = torch.optim.Adagrad(model.parameters(), lr=settings.lr_start)
     average = AveragedModel(model, multi_avg_fn=moving_average(settings.average_decay))
     steps_per_epoch = max(1, -(-len(train) // settings.batch_size))
-    total = (settings.epochs or settings.max_epochs) * steps_per_epoch
+    total = warm.total_steps if warm else (settings.epochs or settings.max_epochs) * steps_per_epoch
+    offset = warm.steps_done if warm else 0
     ratio = settings.lr_end / settings.lr_start
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (min(step, total - 1) / max(total - 1, 1)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: ratio ** (min(step + offset, total - 1) / max(total - 1, 1)))
     state = TrainingState(nn.ModuleDict({"model": model, "average": average}), optimizer, torch.Generator().manual_seed(settings.seed), schedule)
     prefix = "validation" if phase == "selection" else "eval"
 
@@ -302,8 +332,13 @@ def _run(
     )
     history = train_epochs(
         phase, state, steps, epochs, label="ctr training" if phase == "ctr" else "ctr training (choosing epochs)",
-        device=device, loss_name="train_logloss", checkpoints=checkpoints, resume=resume, history=earlier, on_epoch=on_epoch,
+        device=device, loss_name="train_logloss", checkpoints=checkpoints, resume=resume, warm_start=warm.state if warm else None,
+        history=earlier, on_epoch=on_epoch,
     )
+    if result is not None:
+        result.history = history[len(earlier):]
+        result.final_state = Checkpoint.capture(phase, len(history), history, state)
+        result.steps_done, result.total_steps = offset + schedule.last_epoch, total
     model.load_state_dict(average.module.state_dict())
     return history
 
@@ -329,31 +364,40 @@ class CTRInputs:
     vocabularies: dict[str, list[str]]
     sequence_length: int
     use_base_pctr: bool
+    train_days: list[dt.date]  # the days the training rows come from
 
 
 def ctr_inputs(
     ranking_dataset: pl.DataFrame, item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, rq_codebooks: torch.Tensor,
-    user_buckets: int, use_base_pctr: bool, where: str,
+    user_buckets: int, use_base_pctr: bool, where: str, *, vocabularies: dict[str, list[str]] | None = None,
+    train_after: dt.date | None = None,
 ) -> CTRInputs:
     """Ranking rows (the `ranking_dataset` asset's columns; every other column is a user profile
-    feature), item embeddings and semantic IDs as model inputs; refuses what cannot be trained on."""
+    feature), item embeddings and semantic IDs as model inputs; refuses what cannot be trained on.
+
+    A warm start passes the champion's profile `vocabularies` and trains only on the days after
+    `train_after` (which may hold no rows: the champion then only moves to today's items)."""
     train_rows = ranking_dataset.filter(pl.col("split") == TRAIN)
+    if train_after is not None:
+        train_rows = train_rows.filter(pl.col("ts").dt.date() > train_after)
     eval_rows = ranking_dataset.filter(pl.col("split") == EVAL)
-    if train_rows.is_empty() or eval_rows.is_empty():
+    if (train_rows.is_empty() and train_after is None) or eval_rows.is_empty():
         raise ValueError(f"{where}: needs training and evaluation rows, has {train_rows.height} and {eval_rows.height}")
-    if train_rows["clicked"].n_unique() < 2:
+    if train_after is None and train_rows["clicked"].n_unique() < 2:
         raise ValueError(f"{where}: training rows hold a single label value; nothing to learn")
     codes = item_embeddings.select("item_id").join(semantic_ids.select("item_id", "codes"), on="item_id", how="left", maintain_order="left")
     if codes["codes"].null_count():
         raise ValueError(f"semantic_ids ({where}): {codes['codes'].null_count()} embedded item(s) have no codes")
     items = ItemIndex(item_embeddings["item_id"].to_numpy())
-    vocabularies = profile_vocabularies(train_rows, [c for c in ranking_dataset.columns if c not in NOT_PROFILE])
+    if vocabularies is None:
+        vocabularies = profile_vocabularies(train_rows, [c for c in ranking_dataset.columns if c not in NOT_PROFILE])
     return CTRInputs(
         train=encode_rows(train_rows, items, vocabularies, user_buckets, f"{where} (train)"),
         evaluation=encode_rows(eval_rows, items, vocabularies, user_buckets, f"{where} (eval)"),
         eval_rows=eval_rows, items=items, z=torch.from_numpy(embedding_matrix(item_embeddings)),
         codes=torch.from_numpy(codes["codes"].to_numpy().astype(np.int64)), rq_codebooks=rq_codebooks, vocabularies=vocabularies,
         sequence_length=int(ranking_dataset["seq_length"].max() or 1), use_base_pctr=use_base_pctr and "base_pctr" in ranking_dataset.columns,
+        train_days=train_rows["ts"].dt.date().unique().sort().to_list(),
     )
 
 
@@ -369,8 +413,8 @@ def build_ctr_model(inputs: CTRInputs, variant: str, architecture: dict, seed: i
     where the variant says so); `architecture` holds the CTRConfig fields the data does not fix."""
     num_levels, codebook_size, code_dim = inputs.rq_codebooks.shape
     config = CTRConfig(
-        variant=variant, num_items=len(inputs.items), embedding_dim=inputs.z.shape[1], num_levels=num_levels,
-        codebook_size=codebook_size, profile_vocab_sizes=tuple(len(v) + 1 for v in inputs.vocabularies.values()),
+        variant=variant, num_items=len(inputs.items), embedding_dim=inputs.z.shape[1], num_levels=num_levels, codebook_size=codebook_size,
+        profile_vocab_sizes=tuple(len(v) + 1 for v in inputs.vocabularies.values()),
         use_base_pctr=inputs.use_base_pctr, **{**architecture, "mba_dim": architecture.get("mba_dim") or code_dim},
     )
     if VARIANTS[variant].mba_from_rq and config.mba_dim != code_dim:
@@ -384,15 +428,99 @@ def build_ctr_model(inputs: CTRInputs, variant: str, architecture: dict, seed: i
     return model
 
 
+@dataclass
+class Champion:
+    """A trained model to go on from: its config, its logged (averaged) weights, and its final
+    training state with the schedule position (None for a model logged without one)."""
+
+    config: CTRConfig
+    weights: dict[str, torch.Tensor]
+    state: Checkpoint | None
+    steps_done: int
+    total_steps: int
+
+
 def train_variant(
-    inputs: CTRInputs, variant: str, architecture: dict, settings: CTRTrainConfig, *,
+    inputs: CTRInputs, variant: str, architecture: dict, settings: CTRTrainConfig, *, warm_from: Champion | None = None,
     checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None, on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> TrainedVariant:
-    """One CTR variant trained on the day's rows (`train_ctr`) and its evaluation-window pCTR."""
+    """One CTR variant trained on the day's rows (`train_ctr`), from scratch or going on from
+    `warm_from`'s training state, and its evaluation-window pCTR."""
     model = build_ctr_model(inputs, variant, architecture, settings.seed)
+    warm = None
+    if warm_from is not None:
+        check_fits(warm_from.config, model.config, variant)
+        warm = WarmStart(carry_training_state(warm_from, model), warm_from.steps_done, warm_from.total_steps)
     run_key = fingerprint(
-        model.config.to_dict(), settings, inputs.z, inputs.codes, inputs.rq_codebooks, *vars(inputs.train).values(), *vars(inputs.evaluation).values()
+        model.config.to_dict(), settings, inputs.z, inputs.codes, inputs.rq_codebooks, *vars(inputs.train).values(), *vars(inputs.evaluation).values(),
+        *(warm.state.tensors.values() if warm else ()),
     )
     device = device_for_training()
-    training = train_ctr(model, inputs.train, inputs.evaluation, settings, device, on_epoch, checkpoints(f"{variant}-{run_key}"))
+    training = train_ctr(model, inputs.train, inputs.evaluation, settings, device, on_epoch, checkpoints(f"{variant}-{run_key}"), warm)
     return TrainedVariant(model, training, predict(model, inputs.evaluation, settings.sequence_length, device))
+
+
+SHAPE_FIELDS = ("embedding_dim", "num_levels", "codebook_size", "mba_dim", "id_dim", "user_buckets", "user_dim", "profile_dim",
+                "attention_dim", "heads", "dnn_dims", "use_base_pctr", "variant", "profile_vocab_sizes")
+
+
+def check_fits(champion: CTRConfig, today: CTRConfig, variant: str) -> None:
+    """Refuse a champion whose shapes differ from what today's data and configuration give."""
+    differ = [f for f in SHAPE_FIELDS if getattr(champion, f) != getattr(today, f)]
+    if differ:
+        raise ValueError(
+            f"ctr_model: the champion's {variant} was trained with {', '.join(f'{f}={getattr(champion, f)}' for f in differ)}, "
+            f"but today's embeddings, semantic IDs and configuration give {', '.join(f'{f}={getattr(today, f)}' for f in differ)}; "
+            "set `from_scratch: true` in ctr_model's config to train a new ranker (with `refresh: true` in item_encoder's and "
+            "semantic_ids' configs when the embedding or RQ shape changed), or undo the change"
+        )
+
+
+ITEM_ROWS = "item_id_embedding.weight"  # one row per item number (and the padding row)
+ITEM_TABLES = ("item_ids", "item_embeddings", "item_codes")  # today's, always
+
+
+def carried_state_dict(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], extra_rows: dict[str, torch.Tensor] | None = None) -> dict:
+    """A champion's tensors (`old`) for the items of `fresh` (a model built for today): an item
+    the champion knew keeps its ID row, a new item gets its fresh row, the item tables are today's,
+    everything else is the champion's. Names ending in ITEM_ROWS, and those of `extra_rows` (with
+    their fresh values), are per-item rows."""
+    old_ids = old[next(name for name in old if name.endswith("item_ids"))].numpy()
+    new_ids = fresh[next(name for name in fresh if name.endswith("item_ids"))].numpy()
+    known = ItemIndex(old_ids)
+    present = np.isin(new_ids, old_ids)
+    new_rows = torch.from_numpy(np.flatnonzero(present))
+    old_rows = torch.from_numpy(known.numbers(new_ids[present], "champion items"))
+    extra_rows, carried = extra_rows or {}, {}
+    for name, value in old.items():
+        if name.endswith(ITEM_TABLES):
+            carried[name] = fresh[name]
+        elif name.endswith(ITEM_ROWS) or name in extra_rows:
+            rows = (fresh.get(name, extra_rows.get(name))).clone()
+            rows[new_rows] = value[old_rows]
+            carried[name] = rows
+        else:
+            carried[name] = value
+    return carried
+
+
+def carry_model(champion: Champion, inputs: CTRInputs) -> CTRModel:
+    """The champion's logged weights on today's items (see `carried_state_dict`); an item it has
+    no ID row for is scored through its statistics and multimodal features, its ID row zero."""
+    today = CTRModel(dataclasses.replace(champion.config, num_items=len(inputs.items)))
+    today.load_item_tables(torch.from_numpy(inputs.items.item_ids), inputs.z, inputs.codes)
+    fresh = {name: (torch.zeros_like(value) if name.endswith(ITEM_ROWS) else value) for name, value in today.state_dict().items()}
+    today.load_state_dict(carried_state_dict(champion.weights, fresh))
+    return today.eval()
+
+
+def carry_training_state(champion: Champion, today: CTRModel) -> Checkpoint:
+    """The champion's final training state on today's items. Its tensors are named as `_run`'s
+    TrainingState names them: `model.model.*` (the weights trained), `model.average.module.*` (their
+    moving average), `optimizer.{i}.sum` (Adagrad's accumulator of the i-th parameter)."""
+    fresh = today.state_dict()
+    names = {f"model.{part}{name}": value for part in ("model.", "average.module.") for name, value in fresh.items()}
+    item_rows = [name for name, _ in today.named_parameters()].index(ITEM_ROWS)
+    accumulator = f"optimizer.{item_rows}.sum"
+    carried = carried_state_dict(champion.state.tensors, names, {accumulator: torch.zeros_like(fresh[ITEM_ROWS])})
+    return dataclasses.replace(champion.state, tensors=carried)

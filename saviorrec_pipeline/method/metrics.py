@@ -76,3 +76,23 @@ def auc_report(predictions: pl.DataFrame, edges: tuple[float, ...] = PAPER_PV_ED
         .drop("_order")
         .select("variant", "bucket", "auc", "samples", "clicks", "items", "delta_vs_base")
     )
+
+
+def gate_decision(report: pl.DataFrame, tolerance: float) -> tuple[bool, str]:
+    """Whether `challenger` is not worse than `champion` (variants of an `auc_report` with baseline
+    "champion") by more than `tolerance` in total AUC and in the lowest PV bucket with clicks where
+    both AUCs are defined; and why, in one sentence."""
+    rows = {(r["variant"], r["bucket"]): r["auc"] for r in report.iter_rows(named=True)}
+    buckets = report.filter(pl.col("variant") == "champion")["bucket"].to_list()
+    low = next((b for b in buckets[1:] if rows.get(("champion", b)) is not None and rows.get(("challenger", b)) is not None), None)
+    compared = [("total", "total")] + ([("lowest PV bucket with clicks", low)] if low else [])
+    failures, figures = [], []
+    for what, bucket in compared:
+        challenger, champion = rows.get(("challenger", bucket)), rows.get(("champion", bucket))
+        if challenger is None or champion is None:
+            return False, f"{what} AUC is undefined for the {'challenger' if challenger is None else 'champion'}"
+        figures.append(f"{what} {bucket if bucket != 'total' else ''} {challenger:.4f} vs {champion:.4f}".replace("  ", " "))
+        if challenger < champion - tolerance:
+            failures.append(what)
+    verdict = f"worse than the champion by more than {tolerance} in {' and '.join(failures)}" if failures else f"not worse than the champion beyond {tolerance}"
+    return not failures, f"challenger {verdict} (AUC {'; '.join(figures)})"

@@ -10,6 +10,7 @@ import os
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -39,6 +40,7 @@ os.environ.setdefault(MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.name, "1")
 TRACKING_ERRORS = (MlflowException, requests.RequestException)
 
 EXPERIMENT = "saviorrec"
+CHAMPION = "champion"  # the registered-model alias of the version in use
 _PARAMS_PER_REQUEST = 100  # MLflow's limit for one log_batch call
 MODEL_WEIGHTS = "model.safetensors"
 
@@ -87,11 +89,14 @@ class TrackedRun:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
         return self.artifact_uri(artifact_path)
 
-    def log_model(self, state_dict: dict, config: dict, config_file: str, artifact_path: str = "model") -> str:
-        """Weights as safetensors plus a JSON config under `artifact_path`; its artifact URI."""
+    def log_model(self, state_dict: dict, config: dict, config_file: str, artifact_path: str = "model", files: dict[str, bytes] | None = None) -> str:
+        """Weights as safetensors plus a JSON config under `artifact_path`, and any further `files`
+        (name: bytes) beside them; its artifact URI."""
         with tempfile.TemporaryDirectory() as folder:
             save_file(state_dict, f"{folder}/{MODEL_WEIGHTS}")
             Path(folder, config_file).write_text(json.dumps(config))
+            for name, data in (files or {}).items():
+                Path(folder, name).write_bytes(data)
             return self.log_artifacts(Path(folder), artifact_path)
 
     def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
@@ -104,11 +109,30 @@ class TrackedRun:
         version = self.client.create_model_version(name, source=self.artifact_uri(artifact_path), run_id=self.run_id, tags=tags)
         return version.version
 
-    def log_registered_model(self, name: str, state_dict: dict, config: dict, config_file: str, tags: dict[str, str]) -> str:
+    def log_registered_model(
+        self, name: str, state_dict: dict, config: dict, config_file: str, tags: dict[str, str], files: dict[str, bytes] | None = None
+    ) -> str:
         """Log the model (`log_model`) and register it as a new version of `name`: its URI,
         `models:/NAME/VERSION`, the one way an asset's output refers to a trained model."""
-        self.log_model(state_dict, config, config_file)
+        self.log_model(state_dict, config, config_file, files=files)
         return f"models:/{name}/{self.register(name, 'model', tags)}"
+
+
+@dataclass(frozen=True)
+class ChampionVersion:
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def partition(self) -> str | None:
+        """The day whose chain trained it."""
+        return self.tags.get("dagster.partition")
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -195,11 +219,41 @@ class MlflowTracking(dg.ConfigurableResource):
                 message = message.replace(secret, "***")
         return TrackingError(f"{what}: MLflow tracking at {without_credentials(self.tracking_uri)} failed: {message}")
 
+    def champion(self, name: str) -> "ChampionVersion | None":
+        """The version of registered model `name` that the alias `champion` points at, or None."""
+        with self._reporting(f"looking up {name}@{CHAMPION}"):
+            client = self.client()
+            try:
+                version = client.get_model_version_by_alias(name, CHAMPION)
+            except MlflowException as exc:
+                if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") or "not found" in str(exc).lower():
+                    return None
+                raise
+        return ChampionVersion(name, str(version.version), version.run_id, version.tags)
+
+    def promote(self, name: str, version: str) -> None:
+        """Point the alias `champion` of `name` at `version` (the model that serves from now on)."""
+        with self._reporting(f"promoting {name} version {version}"):
+            self.client().set_registered_model_alias(name, CHAMPION, version)
+
+    def tag_version(self, model_uri: str, tags: dict[str, str]) -> None:
+        """Set tags on the registered version `models:/NAME/VERSION`."""
+        name, version = model_uri.removeprefix("models:/").split("/")
+        with self._reporting(f"tagging {model_uri}"):
+            client = self.client()
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, str(value))
+
     def load_model_files(self, model_uri: str, config_file: str) -> tuple[dict, dict]:
         """(config, state dict) of a model logged by `TrackedRun.log_model`; nothing is unpickled."""
         with tempfile.TemporaryDirectory() as folder:
             local = self.download(model_uri, Path(folder))
             return json.loads((local / config_file).read_text()), load_file(local / MODEL_WEIGHTS)
+
+    def load_model_file(self, model_uri: str, name: str) -> bytes:
+        """One file logged beside a model (`log_model`'s `files`)."""
+        with tempfile.TemporaryDirectory() as folder:
+            return self.download(f"{model_uri}/{name}", Path(folder)).read_bytes()
 
     def download(self, artifact_uri: str, into: Path) -> Path:
         """Artifacts of a logged model as local files; `models:/NAME/VERSION` (and a path inside it)
