@@ -65,7 +65,7 @@ def chain_at(scale: float, folder: Path, cpus: set[int]) -> dict:
                           folder / "in-process.log", cpus)
     run_config = folder / "run_config.yaml"
     # The run config `saviorrec demo` passes: the demo's PV bucket edges.
-    run_config.write_text(yaml.safe_dump({"ops": {"auc_report": {"config": {"pv_edges": list(DEMO_PV_EDGES)}}}}))
+    run_config.write_text(yaml.safe_dump({"ops": {stage: {"config": {"pv_edges": list(DEMO_PV_EDGES)}} for stage in ("auc_report", "champion_gate")}}))
     multiprocess = run_tree(
         [sys.executable, "-m", "dagster", "job", "execute", "-f", str(MULTIPROCESS_DEFINITIONS), "-j", "saviorrec_chain",
          "--tags", json.dumps({"dagster/partition": day}), "-c", str(run_config)],

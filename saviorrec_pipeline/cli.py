@@ -76,15 +76,18 @@ def run_demo(spec: DemoSpec) -> int:
 
     from saviorrec_pipeline.definitions import defs
 
-    run_config = {"ops": {"auc_report": {"config": {"pv_edges": list(DEMO_PV_EDGES)}}}}
+    run_config = {"ops": {stage: {"config": {"pv_edges": list(DEMO_PV_EDGES)}} for stage in ("auc_report", "champion_gate")}}
     with dg.DagsterInstance.get() as instance:
         result = defs.get_job_def("saviorrec_chain").execute_in_process(
             partition_key=day, instance=instance, run_config=run_config, raise_on_error=False
         )
     print(summary(result, day))
-    reports = [e.materialization for e in result.get_asset_materialization_events() if e.materialization.asset_key.to_user_string() == "auc_report"]
-    if reports:
-        print(f"\nAUC (%) by item-PV bucket for {day}, delta to base in brackets:\n{reports[0].metadata['report'].value}")
+    materialized = {e.materialization.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    if "auc_report" in materialized:
+        print(f"\nAUC (%) by item-PV bucket for {day}, delta to base in brackets:\n{materialized['auc_report']['report'].value}")
+    if "champion_gate" in materialized:
+        gate = materialized["champion_gate"]
+        print(f"\nchampion gate for {day}: {gate['decision'].value}: {gate['reason'].value}; in use: {gate['champion_after'].value}")
     return 0 if result.success else 1
 
 

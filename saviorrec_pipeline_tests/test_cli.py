@@ -56,8 +56,10 @@ def test_demo_command_generates_runs_the_chain_and_summarises(tmp_path):
     env = _env(tmp_path / "home")
     out = _run([executable("saviorrec"), "demo", "--start-date", START.isoformat(), *SIZE], env, tmp_path)
     assert f"partition {LAST_DAY}: succeeded" in out.stdout
-    for asset in ("impressions", "item_catalog", "user_profiles", "coclick_pairs", "semantic_ids", "ranking_dataset", "ctr_model", "auc_report"):
+    for asset in ("impressions", "item_catalog", "user_profiles", "coclick_pairs", "semantic_ids", "ranking_dataset", "ctr_model", "champion_gate", "auc_report"):
         assert f"  {asset}:" in out.stdout
     assert "AUC (%) by item-PV bucket" in out.stdout and "| saviorrec |" in out.stdout
     assert "base64" not in out.stdout  # the chart stays in the UI
+    # The first model becomes champion; the demo says so, and which version is in use.
+    assert f"champion gate for {LAST_DAY}: promoted: no champion yet" in out.stdout and "in use: models:/saviorrec-ctr/1" in out.stdout
     assert (tmp_path / "home" / "storage" / "coclick_pairs" / f"{LAST_DAY}.parquet").exists()

@@ -324,7 +324,8 @@ def _run(
             figures[f"{prefix}_auc"] = auc
 
     steps = Steps(
-        batches=lambda generator: torch.randperm(len(train), generator=generator).split(settings.batch_size),
+        # A warm start's new days may hold no rows: then no step, not one empty batch.
+        batches=lambda generator: torch.randperm(len(train), generator=generator).split(settings.batch_size) if len(train) else (),
         loss=loss_of,
         after_step=lambda: average.update_parameters(model),
         end_epoch=score,
