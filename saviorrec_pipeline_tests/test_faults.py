@@ -367,12 +367,13 @@ def test_mlflow_down_when_a_training_stage_starts_fails_it_promptly_by_name_and_
     failures = _failures(failed)
     assert list(failures) == ["item_encoder"]
     message = failures["item_encoder"]
-    assert f"item_encoder could not start its MLflow run: MLflow tracking at {url} failed" in message
+    # Its first MLflow call asks which encoder is in use.
+    assert f"item_encoder could not look up saviorrec-item-encoder@champion: MLflow tracking at {url} failed" in message
     assert "Connection refused" in message
     assert seconds < 60, f"{seconds:.0f} s to notice that MLflow is down"
     places = {"the step's error": message, "Python's logs": caplog.text,
               "Dagster's event log": serialize_value(stage.instance.all_logs(failed.run_id))}
-    assert "Connection refused" in places["Python's logs"] and "could not start its MLflow run" in places["Dagster's event log"]
+    assert "Connection refused" in places["Python's logs"] and "could not look up" in places["Dagster's event log"]
     assert [place for place, text in places.items() if PASSWORD in text] == []
     assert stage.objects() == before
 

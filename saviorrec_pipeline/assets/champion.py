@@ -60,7 +60,7 @@ def champion_gate(
         raise ValueError(f"ctr_model for {context.partition_key} has no saviorrec predictions: the gate has no challenger")
     partition, challenger_uri = context.partition_key, challenger["model_uri"][0]
     with_models = {CTR_MODEL: challenger_uri, ENCODER_MODEL: item_encoder["model_uri"][0], RQVAE_MODEL: semantic_ids["model_uri"][0]}
-    champion = tracking.champion(CTR_MODEL)
+    champion = tracking.champion(CTR_MODEL, "champion_gate")
     if champion is None:
         report, (passed, reason) = auc_report(challenger.with_columns(variant=pl.lit("challenger")), tuple(config.pv_edges)), (True, "no champion yet: the first model becomes champion")
     else:

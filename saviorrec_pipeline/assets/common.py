@@ -86,10 +86,10 @@ class Refresh:
     reason: str
 
 
-def refresh_due(tracking: MlflowTracking, name: str, partition: str, every_days: int, requested: bool) -> Refresh:
+def refresh_due(tracking: MlflowTracking, name: str, stage: str, partition: str, every_days: int, requested: bool) -> Refresh:
     """Train on the first partition, when asked, or when the champion was trained for a day at
     least `every_days` before `partition`; otherwise reuse the champion."""
-    champion = tracking.champion(name)
+    champion = tracking.champion(name, stage)
     if champion is None:
         return Refresh(True, None, f"no {name}@champion yet")
     if requested:

@@ -177,7 +177,7 @@ def warm_start(tracking: MlflowTracking, variants: list[str], partition: str, wi
     through the partition's training window, unless `from_scratch`."""
     if from_scratch:
         return StartingPoint("scratch", "from_scratch: training fresh weights on the whole window", {})
-    champion = tracking.champion(CTR_MODEL)
+    champion = tracking.champion(CTR_MODEL, "ctr_model")
     if champion is None:
         return StartingPoint("scratch", f"no {CTR_MODEL}@champion yet: training fresh weights on the whole window", {})
     companions = json.loads(champion.tags.get(VARIANT_MODELS_TAG, "{}"))

@@ -68,7 +68,7 @@ def item_encoder(
     raw: RawStore, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
     architecture, training = config.setup()
-    due = refresh_due(tracking, ENCODER_MODEL, context.partition_key, config.refresh_days, config.refresh)
+    due = refresh_due(tracking, ENCODER_MODEL, "item_encoder", context.partition_key, config.refresh_days, config.refresh)
     context.log.info(f"item_encoder for {context.partition_key}: {'training' if due.train else 'reusing the champion'}: {due.reason}")
     if not due.train:
         return reused_encoder(due, architecture.to_dict(), tracking)

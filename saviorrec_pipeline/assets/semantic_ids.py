@@ -74,7 +74,7 @@ def semantic_ids(
     z = embedding_matrix(item_embeddings)
     architecture, training = config.setup(z.shape[1] if z.ndim == 2 else -1)
     encoder_uri = item_encoder["model_uri"][0]
-    due = refresh_due(tracking, RQVAE_MODEL, partition, config.refresh_days, config.refresh)
+    due = refresh_due(tracking, RQVAE_MODEL, "semantic_ids", partition, config.refresh_days, config.refresh)
     if not due.train:
         champion, saved = load_rqvae(due.champion.uri, tracking)
         if saved.get("encoder_uri") != encoder_uri:

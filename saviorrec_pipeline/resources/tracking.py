@@ -219,9 +219,10 @@ class MlflowTracking(dg.ConfigurableResource):
                 message = message.replace(secret, "***")
         return TrackingError(f"{what}: MLflow tracking at {without_credentials(self.tracking_uri)} failed: {message}")
 
-    def champion(self, name: str) -> "ChampionVersion | None":
-        """The version of registered model `name` that the alias `champion` points at, or None."""
-        with self._reporting(f"looking up {name}@{CHAMPION}"):
+    def champion(self, name: str, stage: str) -> "ChampionVersion | None":
+        """The version of registered model `name` that the alias `champion` points at, or None; a
+        failing MLflow call raises TrackingError naming `stage`."""
+        with self._reporting(f"{stage} could not look up {name}@{CHAMPION}"):
             client = self.client()
             try:
                 version = client.get_model_version_by_alias(name, CHAMPION)
