@@ -1,7 +1,7 @@
 """Continuous-training benchmark: consecutive days of the daily chain on the default demo, warm
 (what `daily_retrain` now runs) beside from-scratch ranking models, in one run.
 
-    python benchmarks/continuous.py              # a first full day, then 14 days
+    python benchmarks/continuous.py --readme     # a first full day, then 14 days; the table into README.md
     python benchmarks/continuous.py --days 3
 
 Demo data covers the 21-day training window, the first day and `--days` more. The first day runs
@@ -40,7 +40,7 @@ from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
 
-from report import write_report  # benchmarks/, beside this script
+from report import paste_into_readme, write_report  # benchmarks/, beside this script
 
 RESULT = Path(__file__).parent / "results" / "continuous.json"
 WINDOW = TrainEvalWindow(train_days=21, eval_days=1)
@@ -134,11 +134,30 @@ def markdown(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--days", type=int, default=14, help="days after the first full one")
+    parser.add_argument("--readme", action="store_true", help="paste the table into README.md")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         report = run(args.days, Path(folder))
     print(report.get("table", ""))
     print(report.get("summary", ""))
+    if args.readme and "summary" in report:
+        paste_into_readme("continuous.md", readme_text(report))
+
+
+def readme_text(report: dict) -> str:
+    figures = report["summary"]
+    means = table(
+        ["mean over the later days", "saviorrec total", "saviorrec PV<100", "base total", "base PV<100"],
+        [(name, *(f"{100 * figures[f'{side}_{key}']:.2f}" for key in ("saviorrec_total", "saviorrec_pv_below_100", "base_total", "base_pv_below_100")))
+         for name, side in (("(a) warm, daily chain", "warm"), ("(b) from-scratch rankers", "scratch"))],
+        numeric_columns=4,
+    )
+    return (
+        f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on 2 CPU cores by `python benchmarks/continuous.py --readme`: the default demo, "
+        f"a first full day then {len(report['days']) - 1} days. The first day's whole chain took {figures['first_day_chain_seconds']:.0f} s; a later day's "
+        f"chain {figures['warm_day_chain_seconds']:.0f} s on average ({figures['speedup']:.1f}x faster). AUC in %.\n\n"
+        f"{report['table']}\n\n{means}\n"
+    )
 
 
 if __name__ == "__main__":

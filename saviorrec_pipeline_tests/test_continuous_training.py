@@ -20,8 +20,8 @@ from saviorrec_pipeline.resources.tracking import MlflowTracking
 
 pytestmark = pytest.mark.integration
 
-SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=8, users=300, items=400, seed=11)
-DAYS = ["2025-07-06", "2025-07-07", "2025-07-08"]
+SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=9, users=300, items=400, seed=11)
+DAYS = ["2025-07-06", "2025-07-07", "2025-07-08", "2025-07-09"]
 WINDOW = TrainEvalWindow(train_days=4, eval_days=1)
 TINY = {
     "item_encoder": {"preset": "tiny", "epochs": 1, "batch_size": 64, "domain_adaptation_epochs": 0},
@@ -63,10 +63,10 @@ def demo_raw(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def three_days(demo_raw, tmp_path_factory):
-    """Days 1 and 2 at the defaults; day 3 asks the encoder and the RQ-VAE to refresh."""
+    """Days 1 and 2 at the defaults; day 3 asks the RQ-VAE to refresh, day 4 the encoder."""
     chain = Chain(demo_raw, tmp_path_factory.mktemp("home"))
     results, champions = [], []
-    for day, overrides in zip(DAYS, [{}, {}, {"item_encoder": {"refresh": True}, "semantic_ids": {"refresh": True}}]):
+    for day, overrides in zip(DAYS, [{}, {}, {"semantic_ids": {"refresh": True}}, {"item_encoder": {"refresh": True}}]):
         results.append(chain.run(day, **overrides))
         assert results[-1].success, day
         champions.append({name: chain.champion(name) for name in MODELS})
@@ -84,11 +84,11 @@ def test_day_one_trains_everything_and_its_models_become_champion(three_days):
 
 
 def test_day_two_reuses_the_encoder_and_rqvae_and_goes_on_from_the_champion_on_one_day(three_days):
-    chain, (first, second, _), champions = three_days
+    chain, (first, second, *_), champions = three_days
     for stage in ("item_encoder", "semantic_ids"):
         assert metadata(second, stage)["training"] == "reused"
         assert metadata(second, stage)["model_uri"] == metadata(first, stage)["model_uri"]
-    assert len(chain.client.search_model_versions("name = 'saviorrec-item-encoder'")) == 2  # day 3's refresh only
+    assert len(chain.client.search_model_versions("name = 'saviorrec-item-encoder'")) == 2  # day 4's refresh only
     ctr = metadata(second, "ctr_model")
     assert ctr["warm_start_from"] == "models:/saviorrec-ctr/1"
     assert ctr["trained_day_list"] == "2025-07-06" and ctr["trained_days"] == 1
@@ -102,8 +102,8 @@ def test_day_two_reuses_the_encoder_and_rqvae_and_goes_on_from_the_champion_on_o
 
 
 def test_a_refresh_day_renumbers_codes_to_the_champions_and_reports_their_churn(three_days):
-    chain, (_, second, third), champions = three_days
-    assert metadata(third, "item_encoder")["training"] == metadata(third, "semantic_ids")["training"] == "trained"
+    chain, (_, second, third, _), champions = three_days
+    assert metadata(third, "item_encoder")["training"] == "reused" and metadata(third, "semantic_ids")["training"] == "trained"
     previous = chain.storage.read("semantic_ids", "2025-07-06")  # the day the champion RQ-VAE trained
     current = chain.storage.read("semantic_ids", DAYS[2])
     both = previous.join(current, on="item_id", suffix="_new")
@@ -114,10 +114,19 @@ def test_a_refresh_day_renumbers_codes_to_the_champions_and_reports_their_churn(
         prefix = sum(int(any(old[i, l] != new[i, l] for l in range(level + 1))) for i in range(len(old))) / len(old)
         assert figures[f"code_churn_level_{level + 1}"] == pytest.approx(changed, abs=1e-12)
         assert figures[f"prefix_churn_level_{level + 1}"] == pytest.approx(prefix, abs=1e-12)
-    # The matching keeps more codes than the raw numbering would.
     assert "changed before matching" in figures["code_churn"]
+    # The ranker goes on across an RQ-VAE refresh: the codes it learnt keep their numbers.
     ctr = metadata(third, "ctr_model")
     assert ctr["warm_start_from"] == f"models:/saviorrec-ctr/{champions[1]['saviorrec-ctr']}" and ctr["trained_days"] >= 1
+
+
+def test_a_new_encoder_retrains_the_rqvae_and_the_ranker_from_scratch(three_days):
+    chain, (*_, third, fourth), champions = three_days
+    assert metadata(fourth, "item_encoder")["training"] == "trained"
+    semantic_ids = metadata(fourth, "semantic_ids")
+    assert semantic_ids["training"] == "trained" and "the encoder changed" in semantic_ids["refresh_reason"]
+    ctr = metadata(fourth, "ctr_model")
+    assert ctr["warm_start_from"] == "scratch" and "embeddings of" in ctr["warm_start_reason"] and ctr["trained_days"] == WINDOW.train_days
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from saviorrec_pipeline.assets.common import refresh_due
 from saviorrec_pipeline.method.code_churn import code_churn, keep_code_numbers, match_codes
 from saviorrec_pipeline.method.ctr_model import CTRModel
 from saviorrec_pipeline.method.ctr_training import (
@@ -16,6 +17,7 @@ from saviorrec_pipeline.method.ctr_training import (
 )
 from saviorrec_pipeline.method.device import deterministic_on_cpu
 from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig, assign_codes
+from saviorrec_pipeline.resources.tracking import ChampionVersion
 from saviorrec_pipeline_tests.test_ctr_model import ITEMS, _model, _parity_rows
 
 pytestmark = pytest.mark.unit
@@ -158,3 +160,27 @@ def test_a_warm_model_on_the_same_items_scores_as_the_champion_before_any_step()
     batch = rows.batch(torch.arange(64), 5, ITEMS)
     # The item tables are the test model's, which the champion was built with too.
     assert torch.equal(carried.eval()(batch), original.eval()(batch))
+
+
+class _Registry:
+    """What refresh_due asks of MLflow: the champion, and the days versions were trained for."""
+
+    def __init__(self, champion_day: str, trained_days: list[str]):
+        self.champion_day, self.trained_days = champion_day, trained_days
+
+    def champion(self, name: str, stage: str) -> ChampionVersion:
+        return ChampionVersion(name, "1", "run", {"dagster.partition": self.champion_day})
+
+    def last_trained_for(self, name: str, stage: str, until: str) -> str | None:
+        return max((day for day in self.trained_days if day <= until), default=None)
+
+
+def test_a_refresh_is_due_a_cadence_after_the_last_version_trained_even_one_the_gate_held_back():
+    def due(trained_days: list[str], day: str, requested: bool = False) -> bool:
+        return refresh_due(_Registry("2025-07-01", trained_days), "encoder", "item_encoder", day, 7, requested).train
+
+    assert not due(["2025-07-01"], "2025-07-07") and due(["2025-07-01"], "2025-07-08")
+    # A version trained on 07-08 and held back by the gate: the champion stays 07-01's, and the
+    # next refresh comes a week after 07-08, not every day from 07-09.
+    assert not due(["2025-07-01", "2025-07-08"], "2025-07-09") and due(["2025-07-01", "2025-07-08"], "2025-07-15")
+    assert due(["2025-07-01"], "2025-07-02", requested=True)

@@ -87,15 +87,19 @@ class Refresh:
 
 
 def refresh_due(tracking: MlflowTracking, name: str, stage: str, partition: str, every_days: int, requested: bool) -> Refresh:
-    """Train on the first partition, when asked, or when the champion was trained for a day at
-    least `every_days` before `partition`; otherwise reuse the champion."""
+    """Train on the first partition, when asked, or when the last version trained (promoted or
+    not) was trained for a day at least `every_days` before `partition`; otherwise reuse the
+    champion. Counting from the last version trained, not the champion's, means a refresh the gate
+    held back waits for the next one instead of retraining every day."""
     champion = tracking.champion(name, stage)
     if champion is None:
         return Refresh(True, None, f"no {name}@champion yet")
     if requested:
         return Refresh(True, champion, "refresh requested")
-    age = (dt.date.fromisoformat(partition) - dt.date.fromisoformat(champion.partition or partition)).days
-    return Refresh(age >= every_days, champion, f"{name}@champion (version {champion.version}, trained for {champion.partition}) is {age} days old; refresh every {every_days}")
+    last = tracking.last_trained_for(name, stage, until=partition) or champion.partition or partition
+    age = (dt.date.fromisoformat(partition) - dt.date.fromisoformat(last)).days
+    return Refresh(age >= every_days, champion, f"{name}@champion is version {champion.version} (trained for {champion.partition}); "
+                   f"the last {name} was trained for {last}, {age} days back; refresh every {every_days}")
 
 
 class RefreshConfig(dg.Config):

@@ -129,7 +129,7 @@ def train_variants(
     rqvae_uri = semantic_ids["model_uri"][0]
     rqvae, rqvae_saved = load_rqvae(rqvae_uri, tracking)
     partition = context.partition_key
-    start = warm_start(tracking, variants, partition, window, from_scratch=config.from_scratch or not register)
+    start = warm_start(tracking, variants, partition, window, rqvae_saved.get("encoder_uri"), from_scratch=config.from_scratch or not register)
     context.log.info(f"ctr_model for {partition}: {start.reason}")
     inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(), architecture["user_buckets"],
                         config.use_base_pctr, f"ranking_dataset {partition}", vocabularies=start.vocabularies, train_after=start.train_after)
@@ -172,9 +172,16 @@ class StartingPoint:
     train_after: dt.date | None = None  # the last day the champion trained on
 
 
-def warm_start(tracking: MlflowTracking, variants: list[str], partition: str, window: TrainEvalWindow, from_scratch: bool) -> StartingPoint:
+def warm_start(
+    tracking: MlflowTracking, variants: list[str], partition: str, window: TrainEvalWindow, encoder_uri: str | None, from_scratch: bool,
+) -> StartingPoint:
     """Go on from the champion's training states when there is a champion that has not trained
-    through the partition's training window, unless `from_scratch`."""
+    through the partition's training window and used the day's encoder, unless `from_scratch`.
+
+    A refreshed encoder embeds into a new space, in which the champion's attention and DNN weights
+    mean nothing: measured on the default demo, a ranker warm-started across an encoder refresh
+    scored 0.745 total AUC where one trained from scratch scored 0.765. Across an RQ-VAE refresh
+    alone it goes on, the codes renumbered to the champion's."""
     if from_scratch:
         return StartingPoint("scratch", "from_scratch: training fresh weights on the whole window", {})
     champion = tracking.champion(CTR_MODEL, "ctr_model")
@@ -186,6 +193,9 @@ def warm_start(tracking: MlflowTracking, variants: list[str], partition: str, wi
         return StartingPoint("scratch", f"{champion.uri} has no trained state for {', '.join(missing)}: training fresh weights on the whole window", {})
     models = {variant: load_champion(uri, tracking) for variant, uri in companions.items() if variant in variants}
     saved = models[CHAMPION_VARIANT][1] if CHAMPION_VARIANT in models else next(iter(models.values()))[1]
+    if saved.get("encoder_uri") != encoder_uri:
+        return StartingPoint("scratch", f"{champion.uri} was trained on the embeddings of {saved.get('encoder_uri')}, today's are "
+                             f"{encoder_uri}'s: training fresh weights on the whole window", {})
     through, last = dt.date.fromisoformat(saved["trained_through"]), window.training_days(partition)[-1]
     if through >= last:
         return StartingPoint("scratch", f"{champion.uri} trained through {through}, not before this window's last training day {last}: "

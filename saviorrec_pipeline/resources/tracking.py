@@ -232,6 +232,13 @@ class MlflowTracking(dg.ConfigurableResource):
                 raise
         return ChampionVersion(name, str(version.version), version.run_id, version.tags)
 
+    def last_trained_for(self, name: str, stage: str, until: str) -> str | None:
+        """The latest day, not after `until`, for which a version of `name` was trained (promoted or
+        not), or None."""
+        with self._reporting(f"{stage} could not list the versions of {name}"):
+            days = [v.tags.get("dagster.partition") for v in self.client().search_model_versions(f"name = '{name}'")]
+        return max((day for day in days if day and day <= until), default=None)
+
     def promote(self, name: str, version: str) -> None:
         """Point the alias `champion` of `name` at `version` (the model that serves from now on)."""
         with self._reporting(f"promoting {name} version {version}"):
