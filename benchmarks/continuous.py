@@ -124,10 +124,11 @@ def markdown(rows: list[dict]) -> str:
     for row in rows:
         scratch = row.get("scratch", {})
         churn = ", ".join(f"{100 * row['churn'][k]:.0f}%" for k in sorted(row["churn"]) if k.startswith("code_churn")) or "-"
-        lines.append((row["day"], f"{row['encoder']}/{row['rqvae']}", row["gate"], row["chain_seconds"], row.get("scratch_ctr_seconds", "-"),
-                      pct(row["warm"].get("saviorrec_total")), pct(scratch.get("saviorrec_total")),
-                      pct(row["warm"].get("saviorrec_pv_below_100")), pct(scratch.get("saviorrec_pv_below_100")), churn))
-    header = ["day", "encoder/RQ-VAE", "gate", "chain s (a)", "scratch ranker s (b)", "AUC (a)", "AUC (b)", "PV<100 (a)", "PV<100 (b)", "code churn"]
+        lines.append((row["day"], f"{row['encoder']}/{row['rqvae']}", row["warm_start_from"], row["gate"], churn, row["chain_seconds"],
+                      row.get("scratch_ctr_seconds", "-"), pct(row["warm"].get("saviorrec_total")), pct(scratch.get("saviorrec_total")),
+                      pct(row["warm"].get("saviorrec_pv_below_100")), pct(scratch.get("saviorrec_pv_below_100"))))
+    header = ["day", "encoder/RQ-VAE", "ranker from", "gate", "code churn per level", "chain s (a)", "scratch ranker s (b)",
+              "saviorrec AUC (a)", "(b)", "PV<100 (a)", "(b)"]
     return table(header, lines, numeric_columns=6)
 
 
