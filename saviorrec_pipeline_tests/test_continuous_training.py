@@ -20,8 +20,8 @@ from saviorrec_pipeline.resources.tracking import MlflowTracking
 
 pytestmark = pytest.mark.integration
 
-SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=9, users=300, items=400, seed=11)
-DAYS = ["2025-07-06", "2025-07-07", "2025-07-08", "2025-07-09"]
+SPEC = DemoSpec(start_date=dt.date(2025, 7, 1), days=10, users=300, items=400, seed=11)
+DAYS = ["2025-07-06", "2025-07-07", "2025-07-08", "2025-07-09", "2025-07-10"]
 WINDOW = TrainEvalWindow(train_days=4, eval_days=1)
 TINY = {
     "item_encoder": {"preset": "tiny", "epochs": 1, "batch_size": 64, "domain_adaptation_epochs": 0},
@@ -62,19 +62,22 @@ def demo_raw(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def three_days(demo_raw, tmp_path_factory):
-    """Days 1 and 2 at the defaults; day 3 asks the RQ-VAE to refresh, day 4 the encoder."""
+def five_days(demo_raw, tmp_path_factory):
+    """Days 1 and 2 at the defaults; day 3 asks the RQ-VAE to refresh, day 4 the encoder (going on
+    from the champion's, asked for a domain-adaptation phase it skips), day 5 the encoder again from initial weights."""
     chain = Chain(demo_raw, tmp_path_factory.mktemp("home"))
     results, champions = [], []
-    for day, overrides in zip(DAYS, [{}, {}, {"semantic_ids": {"refresh": True}}, {"item_encoder": {"refresh": True}}]):
+    refreshes = [{}, {}, {"semantic_ids": {"refresh": True}}, {"item_encoder": {"refresh": True, "domain_adaptation_epochs": 1}},
+                 {"item_encoder": {"refresh": True, "refresh_from_champion": False}}]
+    for day, overrides in zip(DAYS, refreshes):
         results.append(chain.run(day, **overrides))
         assert results[-1].success, day
         champions.append({name: chain.champion(name) for name in MODELS})
     return chain, results, champions
 
 
-def test_day_one_trains_everything_and_its_models_become_champion(three_days):
-    chain, (first, *_), champions = three_days
+def test_day_one_trains_everything_and_its_models_become_champion(five_days):
+    chain, (first, *_), champions = five_days
     assert metadata(first, "item_encoder")["training"] == metadata(first, "semantic_ids")["training"] == "trained"
     ctr = metadata(first, "ctr_model")
     assert ctr["warm_start_from"] == "scratch" and ctr["trained_days"] == WINDOW.train_days
@@ -83,12 +86,12 @@ def test_day_one_trains_everything_and_its_models_become_champion(three_days):
     assert champions[0] == {name: "1" for name in MODELS}
 
 
-def test_day_two_reuses_the_encoder_and_rqvae_and_goes_on_from_the_champion_on_one_day(three_days):
-    chain, (first, second, *_), champions = three_days
+def test_day_two_reuses_the_encoder_and_rqvae_and_goes_on_from_the_champion_on_one_day(five_days):
+    chain, (first, second, *_), champions = five_days
     for stage in ("item_encoder", "semantic_ids"):
         assert metadata(second, stage)["training"] == "reused"
         assert metadata(second, stage)["model_uri"] == metadata(first, stage)["model_uri"]
-    assert len(chain.client.search_model_versions("name = 'saviorrec-item-encoder'")) == 2  # day 4's refresh only
+    assert len(chain.client.search_model_versions("name = 'saviorrec-item-encoder'")) == 3  # days 4 and 5 refreshed it
     ctr = metadata(second, "ctr_model")
     assert ctr["warm_start_from"] == "models:/saviorrec-ctr/1"
     assert ctr["trained_day_list"] == "2025-07-06" and ctr["trained_days"] == 1
@@ -101,8 +104,8 @@ def test_day_two_reuses_the_encoder_and_rqvae_and_goes_on_from_the_champion_on_o
     assert champions[1]["saviorrec-ctr"] == expected and champions[1]["saviorrec-item-encoder"] == "1"
 
 
-def test_a_refresh_day_renumbers_codes_to_the_champions_and_reports_their_churn(three_days):
-    chain, (_, second, third, _), champions = three_days
+def test_a_refresh_day_renumbers_codes_to_the_champions_and_reports_their_churn(five_days):
+    chain, (_, second, third, *_), champions = five_days
     assert metadata(third, "item_encoder")["training"] == "reused" and metadata(third, "semantic_ids")["training"] == "trained"
     previous = chain.storage.read("semantic_ids", "2025-07-06")  # the day the champion RQ-VAE trained
     current = chain.storage.read("semantic_ids", DAYS[2])
@@ -120,13 +123,29 @@ def test_a_refresh_day_renumbers_codes_to_the_champions_and_reports_their_churn(
     assert ctr["warm_start_from"] == f"models:/saviorrec-ctr/{champions[1]['saviorrec-ctr']}" and ctr["trained_days"] >= 1
 
 
-def test_a_new_encoder_retrains_the_rqvae_and_the_ranker_from_scratch(three_days):
-    chain, (*_, third, fourth), champions = three_days
-    assert metadata(fourth, "item_encoder")["training"] == "trained"
+def test_an_encoder_refresh_goes_on_from_the_champion_and_so_do_the_rqvae_and_the_ranker(five_days):
+    chain, (*_, fourth, _), champions = five_days
+    encoder = metadata(fourth, "item_encoder")
+    assert encoder["training"] == "trained" and encoder["trained_from"] == "models:/saviorrec-item-encoder/1"
+    assert encoder["domain_adaptation"] == "skipped: goes on from a trained encoder"
     semantic_ids = metadata(fourth, "semantic_ids")
     assert semantic_ids["training"] == "trained" and "the encoder changed" in semantic_ids["refresh_reason"]
+    assert semantic_ids["trained_from"] == f"models:/saviorrec-rqvae/{champions[2]['saviorrec-rqvae']}"
     ctr = metadata(fourth, "ctr_model")
-    assert ctr["warm_start_from"] == "scratch" and "embeddings of" in ctr["warm_start_reason"] and ctr["trained_days"] == WINDOW.train_days
+    assert ctr["warm_start_from"] == f"models:/saviorrec-ctr/{champions[2]['saviorrec-ctr']}" and ctr["trained_days"] == 1
+    # The lineage the warm start followed is in the new encoder's saved config.
+    saved = mlflow.artifacts.load_dict(chain.client.get_model_version_download_uri("saviorrec-item-encoder", "2") + "/encoder_config.json")
+    assert saved["continued_from"] == ["models:/saviorrec-item-encoder/1"]
+
+
+def test_an_encoder_from_initial_weights_retrains_the_rqvae_afresh_and_the_ranker_from_scratch(five_days):
+    chain, (*_, fifth), champions = five_days
+    encoder = metadata(fifth, "item_encoder")
+    assert encoder["training"] == "trained" and encoder["trained_from"] == "initial weights"
+    semantic_ids = metadata(fifth, "semantic_ids")
+    assert semantic_ids["training"] == "trained" and semantic_ids["trained_from"] == "initial weights"
+    ctr = metadata(fifth, "ctr_model")
+    assert ctr["warm_start_from"] == "scratch" and "did not go on from it" in ctr["warm_start_reason"] and ctr["trained_days"] == WINDOW.train_days
 
 
 @pytest.fixture(scope="module")

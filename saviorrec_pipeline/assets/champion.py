@@ -9,7 +9,6 @@ partition not later than the champion's own (an old day re-materialized, or the 
 never moves it, unless its run asks with `promote: true`.
 """
 
-import datetime as dt
 from typing import Iterator
 
 import dagster as dg
@@ -18,10 +17,11 @@ import torch
 from pydantic import Field
 
 from saviorrec_pipeline.assets.common import RANKING_GROUP
-from saviorrec_pipeline.assets.ctr_model import CTR_MODEL, load_champion
+from saviorrec_pipeline.assets.ctr_model import CONFIG as CTR_CONFIG, CTR_MODEL
 from saviorrec_pipeline.assets.encoder import ENCODER_MODEL, load_encoder, read_catalog
 from saviorrec_pipeline.assets.semantic_ids import RQVAE_MODEL, load_rqvae
 from saviorrec_pipeline.markdown import table
+from saviorrec_pipeline.method.ctr_model import CTRConfig
 from saviorrec_pipeline.method.ctr_training import carry_model, ctr_inputs, predict
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder_training import embedding_table
@@ -100,7 +100,7 @@ def champion_scores(
     """The champion's pCTR of the evaluation rows as it would serve them today: its own encoder and
     RQ-VAE embed and code today's catalog (today's tables when they are the same models), its ranker
     scores with its ID rows, an item new since it trained through its features alone."""
-    model, saved = load_champion(champion.uri, tracking)
+    saved, weights = tracking.load_model_files(champion.uri, CTR_CONFIG)
     encoder_uri, rqvae_uri = saved["encoder_uri"], saved["rqvae_uri"]
     if encoder_uri != today[ENCODER_MODEL]:
         item_embeddings, _ = embedding_table(load_encoder(encoder_uri, tracking), read_catalog(raw))
@@ -108,10 +108,10 @@ def champion_scores(
     if (encoder_uri, rqvae_uri) != (today[ENCODER_MODEL], today[RQVAE_MODEL]):
         codes, _ = assign_codes(rqvae, torch.from_numpy(embedding_matrix(item_embeddings)), "argmin", device_for_training())
         semantic_ids = item_embeddings.select("item_id", pl.Series("codes", codes, dtype=pl.Array(pl.Int64, codes.shape[1])))
-    # Only the evaluation rows are encoded: nothing after the last day is a training row.
-    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks, model.config.user_buckets, model.config.use_base_pctr,
-                        f"ranking_dataset {partition}", vocabularies=saved["vocabularies"], train_after=dt.date.max)
-    scores = predict(carry_model(model, inputs), inputs.evaluation, saved["sequence_length"], device_for_training())
+    config = CTRConfig.from_dict(saved["architecture"])
+    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks, config.user_buckets, config.use_base_pctr,
+                        f"ranking_dataset {partition}", vocabularies=saved["vocabularies"], training=False)
+    scores = predict(carry_model(config, weights, inputs), inputs.evaluation, saved["sequence_length"], device_for_training())
     return inputs.eval_rows.select("user_id", "item_id", "ts", pl.Series("pctr", scores, dtype=pl.Float32),
                                    pl.col("clicked").cast(pl.Int8).alias("label"), "pv", pl.lit(champion.uri).alias("model_uri"))
 

@@ -103,19 +103,34 @@ def refresh_due(tracking: MlflowTracking, name: str, stage: str, partition: str,
 
 
 class RefreshConfig(dg.Config):
-    """When the stage's model retrains (the rest of the time the champion's is reused)."""
+    """When the stage's model retrains (the rest of the time the champion's is reused), and from what."""
 
     refresh: bool = Field(default=False, description="train a new model today, whatever the champion's age")
     refresh_days: int = Field(
         default=SETTINGS.refresh_days, ge=1,
-        description="retrain when the champion's was trained for a day this many days back (SAVIORREC_REFRESH_DAYS, 7)",
+        description="retrain when the last model was trained for a day this many days back (SAVIORREC_REFRESH_DAYS, 7)",
+    )
+    refresh_from_champion: bool = Field(
+        default=True,
+        description="a refresh goes on from the champion's weights when its architecture is today's, so its space and codes carry over "
+        "and the ranker can go on too; false: from initial weights (a new space, in which the ranker starts afresh)",
     )
 
 
-def check_same_architecture(champion_uri: str, champion: dict, configured: dict, stage: str) -> None:
-    """Refuse to reuse a champion when today's configuration asks for another architecture."""
-    differ = [key for key in configured if json.dumps(champion.get(key)) != json.dumps(configured[key])]
-    if differ:
-        shapes = "; ".join(f"{key}: {champion.get(key)} in {champion_uri}, {configured[key]} configured" for key in differ)
-        raise ValueError(f"{stage}: the configuration asks for another architecture than the champion's ({shapes}); set `refresh: true` "
-                         f"in {stage}'s config to train one, or undo the change")
+@dataclass(frozen=True)
+class TrainingStart:
+    """The weights a refresh trains from: the champion's, or none (initial weights), and why."""
+
+    weights: dict | None
+    source: str  # the champion's model URI, or "initial weights"
+    lineage: list[str]  # the models the new one goes on from, nearest first: [] from initial weights
+
+
+def refresh_start(due: Refresh, from_champion: bool, architecture: dict, config_file: str, tracking: MlflowTracking) -> TrainingStart:
+    """Go on from the champion's weights when asked to and its architecture is today's."""
+    if due.champion is None or not from_champion:
+        return TrainingStart(None, "initial weights", [])
+    saved, weights = tracking.load_model_files(due.champion.uri, config_file)
+    if json.dumps(saved["architecture"], sort_keys=True) != json.dumps(architecture, sort_keys=True):
+        return TrainingStart(None, f"initial weights ({due.champion.uri} has another architecture)", [])
+    return TrainingStart(weights, due.champion.uri, [due.champion.uri, *saved.get("continued_from", [])])

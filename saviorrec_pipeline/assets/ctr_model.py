@@ -11,6 +11,7 @@ from pydantic import Field
 
 from saviorrec_pipeline import presets
 from saviorrec_pipeline.assets.common import PAPER_GROUP, RANKING_GROUP, StageCheckpoints, epoch_reporter, training_asset
+from saviorrec_pipeline.assets.encoder import encoder_lineage
 from saviorrec_pipeline.assets.semantic_ids import load_rqvae
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.ctr_model import VARIANTS, CTRConfig, CTRModel
@@ -173,15 +174,17 @@ class StartingPoint:
 
 
 def warm_start(
-    tracking: MlflowTracking, variants: list[str], partition: str, window: TrainEvalWindow, encoder_uri: str | None, from_scratch: bool,
+    tracking: MlflowTracking, variants: list[str], partition: str, window: TrainEvalWindow, encoder_uri: str, from_scratch: bool,
 ) -> StartingPoint:
     """Go on from the champion's training states when there is a champion that has not trained
-    through the partition's training window and used the day's encoder, unless `from_scratch`.
+    through the partition's training window, and whose embeddings share a space with the day's,
+    unless `from_scratch`. Decided from config files; the states are downloaded only to go on.
 
-    A refreshed encoder embeds into a new space, in which the champion's attention and DNN weights
-    mean nothing: measured on the default demo, a ranker warm-started across an encoder refresh
-    scored 0.745 total AUC where one trained from scratch scored 0.765. Across an RQ-VAE refresh
-    alone it goes on, the codes renumbered to the champion's."""
+    The day's encoder shares the champion's space when it is the champion's encoder or went on
+    from it (a refresh from the champion's weights). An encoder trained from initial weights
+    embeds into a new space, in which the champion's attention and DNN weights mean nothing:
+    measured on the default demo, a ranker warm-started across such a refresh scored 0.745 total
+    AUC where one trained from scratch scored 0.765."""
     if from_scratch:
         return StartingPoint("scratch", "from_scratch: training fresh weights on the whole window", {})
     champion = tracking.champion(CTR_MODEL, "ctr_model")
@@ -191,17 +194,17 @@ def warm_start(
     missing = [v for v in variants if v not in companions]
     if missing:
         return StartingPoint("scratch", f"{champion.uri} has no trained state for {', '.join(missing)}: training fresh weights on the whole window", {})
-    models = {variant: load_champion(uri, tracking) for variant, uri in companions.items() if variant in variants}
-    saved = models[CHAMPION_VARIANT][1] if CHAMPION_VARIANT in models else next(iter(models.values()))[1]
-    if saved.get("encoder_uri") != encoder_uri:
-        return StartingPoint("scratch", f"{champion.uri} was trained on the embeddings of {saved.get('encoder_uri')}, today's are "
-                             f"{encoder_uri}'s: training fresh weights on the whole window", {})
+    saved = tracking.load_model_config(champion.uri, CONFIG)  # every variant of a day shares its lineage
+    if saved.get("encoder_uri") not in encoder_lineage(encoder_uri, tracking):
+        return StartingPoint("scratch", f"{champion.uri} was trained on the embeddings of {saved.get('encoder_uri')}, today's are of "
+                             f"{encoder_uri}, which did not go on from it: training fresh weights on the whole window", {})
     through, last = dt.date.fromisoformat(saved["trained_through"]), window.training_days(partition)[-1]
     if through >= last:
         return StartingPoint("scratch", f"{champion.uri} trained through {through}, not before this window's last training day {last}: "
                              "training fresh weights on the whole window", {})
+    models = {variant: load_champion(uri, tracking) for variant, uri in companions.items() if variant in variants}
     return StartingPoint(champion.uri, f"going on from {champion.uri} (trained through {through}) on the days after it",
-                         {variant: model for variant, (model, _) in models.items()}, saved["vocabularies"], through)
+                         models, saved["vocabularies"], through)
 
 
 def _train_and_register(
@@ -249,12 +252,12 @@ def _summary_markdown(summary: list[dict]) -> str:
     return table(header, rows)
 
 
-def load_champion(model_uri: str, tracking: MlflowTracking) -> tuple[Champion, dict]:
-    """A CTR model with its final training state, to go on from or to score with; and its saved config."""
+def load_champion(model_uri: str, tracking: MlflowTracking) -> Champion:
+    """A CTR model with its final training state, to go on from."""
     saved, weights = tracking.load_model_files(model_uri, CONFIG)
     state = Checkpoint.from_bytes(tracking.load_model_file(model_uri, TRAINING_STATE))
     schedule = saved["schedule"]
-    return Champion(CTRConfig.from_dict(saved["architecture"]), weights, state, schedule["steps_done"], schedule["total_steps"]), saved
+    return Champion(CTRConfig.from_dict(saved["architecture"]), weights, state, schedule["steps_done"], schedule["total_steps"], model_uri)
 
 
 def load_ctr_model(model_uri: str, tracking: MlflowTracking) -> tuple[CTRModel, dict]:

@@ -2,8 +2,6 @@
 
 import dataclasses
 import json
-import tempfile
-from pathlib import Path
 from typing import Literal
 
 import dagster as dg
@@ -12,13 +10,14 @@ from pydantic import Field
 
 from saviorrec_pipeline import presets
 from saviorrec_pipeline.assets.common import (
-    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, check_same_architecture, epoch_reporter, refresh_due, step_reporter, training_asset,
+    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, epoch_reporter, refresh_due, refresh_start, step_reporter, training_asset,
 )
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, with_text_tower
 from saviorrec_pipeline.method.encoder_training import TrainConfig, embedding_table, train_item_encoder
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, table_4
+from saviorrec_pipeline.method.training import check_same_shapes
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.raw import RawStore
@@ -72,26 +71,29 @@ def item_encoder(
     context.log.info(f"item_encoder for {context.partition_key}: {'training' if due.train else 'reusing the champion'}: {due.reason}")
     if not due.train:
         return reused_encoder(due, architecture.to_dict(), tracking)
+    # A checkpoint the user names is an explicit new start.
+    start = refresh_start(due, config.refresh_from_champion and not config.checkpoint_path, architecture.to_dict(), CONFIG, tracking)
     checkpoints = StageCheckpoints(context, storage)
     with tracking.start_run(context, "item_encoder") as run:
         with track_usage() as usage:
             trained = train_item_encoder(
-                read_catalog(raw), coclick_pairs, architecture, training, initial_weights=config.checkpoint_path, checkpoints=checkpoints,
-                on_step=step_reporter(context), on_epoch=epoch_reporter(context, run),
+                read_catalog(raw), coclick_pairs, architecture, training, initial_weights=config.checkpoint_path, continue_from=start.weights,
+                checkpoints=checkpoints, on_step=step_reporter(context), on_epoch=epoch_reporter(context, run),
                 where=f" for {context.partition_key}", catalog_source=f"{raw.root}/items",
             )
-        if trained.domain_adaptation.startswith("skipped"):
+        if trained.domain_adaptation.startswith("skipped") and start.weights is None:
             context.log.warning(f"domain adaptation {trained.domain_adaptation}; training by i2i alignment alone")
         run.log_params({"preset": config.preset, **dataclasses.asdict(trained.training), "domain_adaptation": trained.domain_adaptation,
-                        "pairs": trained.pairs, "items": trained.items, "refresh_reason": due.reason,
+                        "pairs": trained.pairs, "items": trained.items, "refresh_reason": due.reason, "trained_from": start.source,
                         **{f"arch.{k}": json.dumps(v) for k, v in architecture.to_dict().items()}})
         run.log_metrics({"final_loss": trained.history[-1], "train_seconds": usage.seconds, "pairs_per_s": trained.pairs_trained / usage.seconds})
-        saved = {"architecture": architecture.to_dict(), "training": dataclasses.asdict(trained.training), "initial_weights": config.checkpoint_path}
+        saved = {"architecture": architecture.to_dict(), "training": dataclasses.asdict(trained.training), "initial_weights": config.checkpoint_path,
+                 "continued_from": start.lineage}
         model_uri = run.log_registered_model(ENCODER_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
     reference = model_reference(model_uri, run.run_id, context.partition_key, final_loss=trained.history[-1], pairs=trained.pairs, items=trained.items)
     return dg.Output(reference, metadata={
         "training": "trained", "model_uri": model_uri, "model_version": model_uri.rsplit("/", 1)[1], "refresh_reason": due.reason,
-        "mlflow_run_id": run.run_id, "device": str(device_for_training()), "pairs": trained.pairs,
+        "trained_from": start.source, "mlflow_run_id": run.run_id, "device": str(device_for_training()), "pairs": trained.pairs,
         "epochs": trained.training.epochs, "domain_adaptation": trained.domain_adaptation, "resumed_from": checkpoints.summary(),
         "loss_first_epoch": round(trained.history[0], 4), "loss_last_epoch": round(trained.history[-1], 4),
         "loss_per_epoch": dg.MetadataValue.md(" | ".join(f"{x:.3f}" for x in trained.history)),
@@ -111,7 +113,8 @@ def model_reference(model_uri: str, run_id: str, trained_for: str, final_loss: f
 
 def reused_encoder(due: Refresh, architecture: dict, tracking: MlflowTracking) -> dg.Output[pl.DataFrame]:
     champion = due.champion
-    check_same_architecture(champion.uri, tracking.load_model_files(champion.uri, CONFIG)[0]["architecture"], architecture, "item_encoder")
+    check_same_shapes("item_encoder", champion.uri, tracking.load_model_config(champion.uri, CONFIG)["architecture"], architecture,
+                      "set `refresh: true` in item_encoder's config to train one")
     return dg.Output(model_reference(champion.uri, champion.run_id, champion.partition or ""), metadata={
         "training": "reused", "model_uri": champion.uri, "model_version": champion.version, "refresh_reason": due.reason,
         "mlflow_run_id": champion.run_id,
@@ -130,9 +133,13 @@ def load_encoder(model_uri: str, tracking: MlflowTracking) -> SaviorEnc:
 def saved_training(model_uri: str, tracking: MlflowTracking) -> tuple[TrainConfig, str | None]:
     """The training and initial weights (a safetensors path, or None for the seed's init) the
     registered encoder was trained with (its config file only)."""
-    with tempfile.TemporaryDirectory() as folder:
-        saved = json.loads(tracking.download(f"{model_uri}/{CONFIG}", Path(folder)).read_text())
+    saved = tracking.load_model_config(model_uri, CONFIG)
     return TrainConfig(**saved["training"]), saved.get("initial_weights")
+
+
+def encoder_lineage(model_uri: str, tracking: MlflowTracking) -> list[str]:
+    """The encoder and those it went on from, nearest first: embeddings of any of them share a space."""
+    return [model_uri, *tracking.load_model_config(model_uri, CONFIG).get("continued_from", [])]
 
 
 @dg.asset(

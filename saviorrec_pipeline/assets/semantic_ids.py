@@ -12,8 +12,9 @@ from pydantic import Field
 
 from saviorrec_pipeline import presets
 from saviorrec_pipeline.assets.common import (
-    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, check_same_architecture, epoch_reporter, refresh_due, training_asset,
+    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, epoch_reporter, refresh_due, refresh_start, training_asset,
 )
+from saviorrec_pipeline.assets.encoder import encoder_lineage
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.item_rows import embedding_matrix, pair_rows
 from saviorrec_pipeline.method.code_churn import keep_code_numbers
@@ -21,6 +22,7 @@ from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.rqvae import (
     RQVAE, RQVAEConfig, RQVAETrainConfig, SemanticIds, assign_codes, codebook_quality, compare_quantisers, train_semantic_ids,
 )
+from saviorrec_pipeline.method.training import check_same_shapes
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -29,10 +31,8 @@ RQVAE_MODEL = "saviorrec-rqvae"
 CONFIG = "rqvae_config.json"
 
 
-class SemanticIdsConfig(RefreshConfig):
-    """A preset (architecture and training together); a field set here overrides the preset's. The
-    RQ-VAE trains when it is due (`refresh_days`, `refresh`) or when the encoder changed; otherwise the
-    champion's codes today's catalog."""
+class QuantiserConfig(dg.Config):
+    """A preset (architecture and training together); a field set here overrides the preset's."""
 
     preset: Literal[presets.names("rqvae")] = "tiny"
     num_levels: int | None = Field(default=None, ge=1, description="L codebooks")
@@ -58,6 +58,11 @@ class SemanticIdsConfig(RefreshConfig):
         return shape, presets.overridden(training, **{f.name: getattr(self, f.name, None) for f in dataclasses.fields(RQVAETrainConfig)})
 
 
+class SemanticIdsConfig(QuantiserConfig, RefreshConfig):
+    """The RQ-VAE trains when it is due (`refresh_days`, `refresh`) or when the encoder changed;
+    otherwise the champion's codes today's catalog."""
+
+
 @training_asset(
     SAVIORENC_GROUP, ["item_embeddings", "coclick_pairs", "item_encoder"],
     "RQ-VAE semantic IDs (L codes per item) of the item embeddings, with reconstruction error and the model (`model_uri`): "
@@ -74,29 +79,21 @@ def semantic_ids(
     z = embedding_matrix(item_embeddings)
     architecture, training = config.setup(z.shape[1] if z.ndim == 2 else -1)
     encoder_uri = item_encoder["model_uri"][0]
-    due = refresh_due(tracking, RQVAE_MODEL, "semantic_ids", partition, config.refresh_days, config.refresh)
-    if not due.train:
-        champion, saved = load_rqvae(due.champion.uri, tracking)
-        if saved.get("encoder_uri") != encoder_uri:
-            due = dataclasses.replace(due, train=True, reason=f"the encoder changed: {encoder_uri}, not the {saved.get('encoder_uri')} {due.champion.uri} codes")
+    due, same_space = rqvae_due(tracking, partition, config, encoder_uri)
     context.log.info(f"semantic_ids for {partition}: {'training' if due.train else 'reusing the champion'}: {due.reason}")
     if not due.train:
-        check_same_architecture(due.champion.uri, saved["architecture"], architecture.to_dict(), "semantic_ids")
-        codes, errors = assign_codes(champion, torch.from_numpy(z), saved["inference_assignment"], device_for_training(), training.batch_size)
-        quality = codebook_quality(codes, architecture.codebook_size)
-        return dg.Output(codes_table(item_embeddings, codes, errors, due.champion.uri), metadata={
-            "training": "reused", "model_uri": due.champion.uri, "model_version": due.champion.version, "refresh_reason": due.reason,
-            "items": len(z), **_figures(quality, errors), "codebook_quality": dg.MetadataValue.md(quality_markdown([("rq-vae (sinkhorn)", quality)])),
-        })
+        return reused_rqvae(due, item_embeddings, z, architecture, training.batch_size, tracking)
+    start = refresh_start(due, same_space, architecture.to_dict(), CONFIG, tracking)
     checkpoints = StageCheckpoints(context, storage)
     pairs = pair_rows(coclick_pairs, item_embeddings["item_id"].to_numpy())
     with tracking.start_run(context, "semantic_ids") as run:
         run.log_params({"preset": config.preset, "num_levels": architecture.num_levels, "codebook_size": architecture.codebook_size,
                         "code_dim": architecture.latent_dim, "hidden_dims": json.dumps(architecture.hidden_dims), "refresh_reason": due.reason,
-                        "inference_assignment": config.inference_assignment, "items": len(z), "pairs": len(pairs), **dataclasses.asdict(training)})
+                        "trained_from": start.source, "inference_assignment": config.inference_assignment, "items": len(z), "pairs": len(pairs),
+                        **dataclasses.asdict(training)})
         with track_usage() as usage:
             result = train_semantic_ids(
-                z, pairs, architecture, training, inference_assignment=config.inference_assignment,
+                z, pairs, architecture, training, inference_assignment=config.inference_assignment, continue_from=start.weights,
                 checkpoints=checkpoints, on_epoch=epoch_reporter(context, run), where=where,
             )
         churn = _keep_code_numbers(context, result, item_embeddings, due, storage, tracking)
@@ -104,17 +101,46 @@ def semantic_ids(
             f"{name}_churn_level_{l + 1}": share for name, key in (("code", "level"), ("prefix", "prefix")) for l, share in enumerate(churn.get(key, []))
         }
         run.log_metrics(quality_figures(result.quality) | figures | {"train_seconds": usage.seconds})
-        saved = {"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment, "encoder_uri": encoder_uri}
+        saved = {"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment, "encoder_uri": encoder_uri,
+                 "continued_from": start.lineage}
         model_uri = run.log_registered_model(RQVAE_MODEL, result.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
     codes = codes_table(item_embeddings, result.codes, result.errors, model_uri)
     return dg.Output(codes, metadata={
         "training": "trained", "model_uri": model_uri, "model_version": model_uri.rsplit("/", 1)[1], "refresh_reason": due.reason,
-        "items": codes.height, "mlflow_run_id": run.run_id, "resumed_from": checkpoints.summary(),
+        "trained_from": start.source, "items": codes.height, "mlflow_run_id": run.run_id, "resumed_from": checkpoints.summary(),
         "shape": f"L={architecture.num_levels}, K={architecture.codebook_size}, d={architecture.latent_dim}", **figures,
         "loss_last_epoch": round(result.history[-1]["loss"], 5),
         "codebook_quality": dg.MetadataValue.md(quality_markdown([("rq-vae (sinkhorn)", result.quality)])),
         **({"code_churn": dg.MetadataValue.md(churn_markdown(churn))} if churn else {}),
         **usage.metadata(len(z) * training.epochs, unit="item_epochs"),
+    })
+
+
+def rqvae_due(tracking: MlflowTracking, partition: str, config: SemanticIdsConfig, encoder_uri: str) -> tuple[Refresh, bool]:
+    """The cadence's answer (`refresh_due`), and a refresh too when the day's encoder is not the
+    one the champion RQ-VAE coded; and whether a refresh may go on from the champion's weights:
+    only when asked to and the day's encoder went on from the one it coded (the same space)."""
+    due = refresh_due(tracking, RQVAE_MODEL, "semantic_ids", partition, config.refresh_days, config.refresh)
+    if due.champion is None:
+        return due, False
+    coded = tracking.load_model_config(due.champion.uri, CONFIG).get("encoder_uri")
+    same_space = config.refresh_from_champion and coded in encoder_lineage(encoder_uri, tracking)
+    if due.train or coded == encoder_uri:
+        return due, same_space
+    return dataclasses.replace(due, train=True, reason=f"the encoder changed: {encoder_uri}, not the {coded} {due.champion.uri} codes"), same_space
+
+
+def reused_rqvae(
+    due: Refresh, item_embeddings: pl.DataFrame, z: np.ndarray, architecture: RQVAEConfig, batch_size: int, tracking: MlflowTracking,
+) -> dg.Output[pl.DataFrame]:
+    """Today's catalog coded by the champion RQ-VAE, as it assigns codes."""
+    champion, saved = load_rqvae(due.champion.uri, tracking)
+    check_same_shapes("semantic_ids", due.champion.uri, saved["architecture"], architecture.to_dict(), "set `refresh: true` in semantic_ids' config to train one")
+    codes, errors = assign_codes(champion, torch.from_numpy(z), saved["inference_assignment"], device_for_training(), batch_size)
+    quality = codebook_quality(codes, architecture.codebook_size)
+    return dg.Output(codes_table(item_embeddings, codes, errors, due.champion.uri), metadata={
+        "training": "reused", "model_uri": due.champion.uri, "model_version": due.champion.version, "refresh_reason": due.reason,
+        "items": len(z), **_figures(quality, errors), "codebook_quality": dg.MetadataValue.md(quality_markdown([("rq-vae (sinkhorn)", quality)])),
     })
 
 
@@ -131,7 +157,7 @@ def _keep_code_numbers(
         context.log.warning(f"semantic_ids: codes are not matched to {due.champion.uri}'s: {missing}")
         return {}
     shape = result.model.config
-    champion_shape = tracking.load_model_files(due.champion.uri, CONFIG)[0]["architecture"]
+    champion_shape = tracking.load_model_config(due.champion.uri, CONFIG)["architecture"]
     if (champion_shape["num_levels"], champion_shape["codebook_size"]) != (shape.num_levels, shape.codebook_size):
         context.log.warning(f"semantic_ids: codes are not matched to {due.champion.uri}'s, whose shape (L, K) differs")
         return {}
@@ -182,7 +208,7 @@ def quality_markdown(quality: list[tuple[str, dict]]) -> str:
     "of the same shape (collision rate, per-level utilisation and perplexity).",
 )
 def rq_comparison(
-    context: dg.AssetExecutionContext, config: SemanticIdsConfig, item_embeddings: pl.DataFrame, coclick_pairs: pl.DataFrame,
+    context: dg.AssetExecutionContext, config: QuantiserConfig, item_embeddings: pl.DataFrame, coclick_pairs: pl.DataFrame,
     semantic_ids: pl.DataFrame, storage: ParquetStorage, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
     z = embedding_matrix(item_embeddings)

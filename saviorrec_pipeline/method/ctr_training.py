@@ -24,7 +24,7 @@ from saviorrec_pipeline.method.device import deterministic_on_cpu, device_for_tr
 from saviorrec_pipeline.method.item_rows import embedding_matrix
 from saviorrec_pipeline.method.metrics import roc_auc
 from saviorrec_pipeline.method.ranking_features import EVAL, TRAIN
-from saviorrec_pipeline.method.training import EpochReport, Figures, Steps, train_epochs
+from saviorrec_pipeline.method.training import EpochReport, Figures, Steps, check_same_shapes, train_epochs
 
 STAT_COLUMNS = ("impressions", "clicks", "ctr")
 
@@ -371,20 +371,22 @@ class CTRInputs:
 def ctr_inputs(
     ranking_dataset: pl.DataFrame, item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, rq_codebooks: torch.Tensor,
     user_buckets: int, use_base_pctr: bool, where: str, *, vocabularies: dict[str, list[str]] | None = None,
-    train_after: dt.date | None = None,
+    train_after: dt.date | None = None, training: bool = True,
 ) -> CTRInputs:
     """Ranking rows (the `ranking_dataset` asset's columns; every other column is a user profile
     feature), item embeddings and semantic IDs as model inputs; refuses what cannot be trained on.
 
     A warm start passes the champion's profile `vocabularies` and trains only on the days after
-    `train_after` (which may hold no rows: the champion then only moves to today's items)."""
-    train_rows = ranking_dataset.filter(pl.col("split") == TRAIN)
+    `train_after` (which may hold no rows: the champion then only moves to today's items). With
+    `training` false only the evaluation rows are encoded, to score a trained model."""
+    train_rows = ranking_dataset.filter(pl.col("split") == TRAIN) if training else ranking_dataset.clear()
     if train_after is not None:
         train_rows = train_rows.filter(pl.col("ts").dt.date() > train_after)
     eval_rows = ranking_dataset.filter(pl.col("split") == EVAL)
-    if (train_rows.is_empty() and train_after is None) or eval_rows.is_empty():
+    from_whole_window = training and train_after is None
+    if (train_rows.is_empty() and from_whole_window) or eval_rows.is_empty():
         raise ValueError(f"{where}: needs training and evaluation rows, has {train_rows.height} and {eval_rows.height}")
-    if train_after is None and train_rows["clicked"].n_unique() < 2:
+    if from_whole_window and train_rows["clicked"].n_unique() < 2:
         raise ValueError(f"{where}: training rows hold a single label value; nothing to learn")
     codes = item_embeddings.select("item_id").join(semantic_ids.select("item_id", "codes"), on="item_id", how="left", maintain_order="left")
     if codes["codes"].null_count():
@@ -439,6 +441,7 @@ class Champion:
     state: Checkpoint | None
     steps_done: int
     total_steps: int
+    uri: str = "the champion"  # where it was loaded from, for errors
 
 
 def train_variant(
@@ -450,7 +453,7 @@ def train_variant(
     model = build_ctr_model(inputs, variant, architecture, settings.seed)
     warm = None
     if warm_from is not None:
-        check_fits(warm_from.config, model.config, variant)
+        check_fits(warm_from.config, model.config, variant, warm_from.uri)
         warm = WarmStart(carry_training_state(warm_from, model), warm_from.steps_done, warm_from.total_steps)
     run_key = fingerprint(
         model.config.to_dict(), settings, inputs.z, inputs.codes, inputs.rq_codebooks, *vars(inputs.train).values(), *vars(inputs.evaluation).values(),
@@ -465,16 +468,13 @@ SHAPE_FIELDS = ("embedding_dim", "num_levels", "codebook_size", "mba_dim", "id_d
                 "attention_dim", "heads", "dnn_dims", "use_base_pctr", "variant", "profile_vocab_sizes")
 
 
-def check_fits(champion: CTRConfig, today: CTRConfig, variant: str) -> None:
+def check_fits(champion: CTRConfig, today: CTRConfig, variant: str, champion_uri: str = "the champion") -> None:
     """Refuse a champion whose shapes differ from what today's data and configuration give."""
-    differ = [f for f in SHAPE_FIELDS if getattr(champion, f) != getattr(today, f)]
-    if differ:
-        raise ValueError(
-            f"ctr_model: the champion's {variant} was trained with {', '.join(f'{f}={getattr(champion, f)}' for f in differ)}, "
-            f"but today's embeddings, semantic IDs and configuration give {', '.join(f'{f}={getattr(today, f)}' for f in differ)}; "
-            "set `from_scratch: true` in ctr_model's config to train a new ranker (with `refresh: true` in item_encoder's and "
-            "semantic_ids' configs when the embedding or RQ shape changed), or undo the change"
-        )
+    check_same_shapes(
+        f"ctr_model ({variant})", champion_uri, {f: getattr(champion, f) for f in SHAPE_FIELDS}, {f: getattr(today, f) for f in SHAPE_FIELDS},
+        "set `from_scratch: true` in ctr_model's config to train a new ranker (with `refresh: true` in item_encoder's and "
+        "semantic_ids' configs when the embedding or RQ shape changed)",
+    )
 
 
 ITEM_ROWS = "item_id_embedding.weight"  # one row per item number (and the padding row)
@@ -505,13 +505,13 @@ def carried_state_dict(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tens
     return carried
 
 
-def carry_model(champion: Champion, inputs: CTRInputs) -> CTRModel:
-    """The champion's logged weights on today's items (see `carried_state_dict`); an item it has
-    no ID row for is scored through its statistics and multimodal features, its ID row zero."""
-    today = CTRModel(dataclasses.replace(champion.config, num_items=len(inputs.items)))
+def carry_model(config: CTRConfig, weights: dict[str, torch.Tensor], inputs: CTRInputs) -> CTRModel:
+    """A trained model's weights on today's items (see `carried_state_dict`); an item it has no
+    ID row for is scored through its statistics and multimodal features, its ID row zero."""
+    today = CTRModel(dataclasses.replace(config, num_items=len(inputs.items)))
     today.load_item_tables(torch.from_numpy(inputs.items.item_ids), inputs.z, inputs.codes)
     fresh = {name: (torch.zeros_like(value) if name.endswith(ITEM_ROWS) else value) for name, value in today.state_dict().items()}
-    today.load_state_dict(carried_state_dict(champion.weights, fresh))
+    today.load_state_dict(carried_state_dict(weights, fresh))
     return today.eval()
 
 

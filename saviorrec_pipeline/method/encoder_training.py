@@ -249,13 +249,16 @@ def domain_adaptation_note(training: TrainConfig, skipped_because: str | None) -
 
 def train_item_encoder(
     catalog: pl.DataFrame, coclick_pairs: pl.DataFrame, architecture: EncoderConfig, training: TrainConfig, *,
-    initial_weights: str | None = None, checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None,
+    initial_weights: str | None = None, continue_from: dict[str, torch.Tensor] | None = None,
+    checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None,
     on_step: OnStep | None = None, on_epoch: OnEpoch | None = None, where: str = "", catalog_source: str = "the item catalog",
 ) -> TrainedEncoder:
     """SaviorEnc stage 1 on a catalog and its co-click pairs: the domain-adaptation phase where
     enabled and the catalog allows it, then i2i alignment; from `initial_weights` (a safetensors
-    file) or the seed's initialisation. `checkpoints(run_key)` gives the place of the run whose
-    inputs and settings have that fingerprint; `where` and `catalog_source` name the inputs in errors."""
+    file) or the seed's initialisation. Given `continue_from` (a trained encoder's weights) it goes
+    on from them by alignment alone, so the refreshed encoder stays in that encoder's z space.
+    `checkpoints(run_key)` gives the place of the run whose inputs and settings have that
+    fingerprint; `where` and `catalog_source` name the inputs in errors."""
     if coclick_pairs.is_empty():
         raise ValueError(
             f"coclick_pairs{where} is empty: no item pairs to align the encoder on "
@@ -263,13 +266,17 @@ def train_item_encoder(
         )
     tensors = catalog_tensors(catalog, architecture)
     training, skipped_because = applicable_training(training, tensors)
+    if continue_from is not None and training.domain_adaptation_epochs:
+        training, skipped_because = dataclasses.replace(training, domain_adaptation_epochs=0), "goes on from a trained encoder"
     pairs = pair_rows(coclick_pairs, tensors.item_ids)
     if len(pairs) < 2:
         raise ValueError(f"only {len(pairs)} of {coclick_pairs.height} co-click pairs name catalog items: check that {catalog_source} holds the clicked items")
-    store = checkpoints(fingerprint(architecture.to_dict(), training, initial_weights, pairs, tensors.item_ids, tensors.images, tensors.tokens))
+    store = checkpoints(fingerprint(
+        architecture.to_dict(), training, initial_weights, pairs, tensors.item_ids, tensors.images, tensors.tokens, *(continue_from or {}).values()
+    ))
     model = build_model(architecture, training.seed)
-    if initial_weights:
-        model.load_state_dict(load_file(initial_weights))
+    if continue_from is not None or initial_weights:
+        model.load_state_dict(continue_from if continue_from is not None else load_file(initial_weights))
     device = device_for_training()
     if training.domain_adaptation_epochs:
         train_domain_adaptation(model, tensors, training, device, on_step, on_epoch, store)

@@ -227,13 +227,14 @@ class RQVAETrainConfig:
 
 def train_rqvae(
     model: RQVAE, z: torch.Tensor, pairs: np.ndarray, train: RQVAETrainConfig, device: torch.device,
-    on_epoch: Callable[[EpochReport], None] | None = None, checkpoints: CheckpointStore | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None, checkpoints: CheckpointStore | None = None, continued: bool = False,
 ) -> list[Figures]:
     """The whole recipe: fit the input scaling, warm the autoencoder up, initialise the codebooks by
     k-means, then train eq. 5 with Adam over shuffled item batches; each step also takes a batch of
     co-click pairs (rows of z). Returns one dict of figures per RQ epoch. Given a `CheckpointStore`,
     saves after every RQ epoch and resumes from the latest save (scaling, warmup and k-means are
-    in the saved weights)."""
+    in the saved weights). A `continued` model (a trained one's weights) keeps its scaling and
+    codebooks and goes straight to eq. 5."""
     z = z.to(device)
     state = TrainingState(model.to(device), torch.optim.Adam(model.parameters(), lr=train.lr), torch.Generator().manual_seed(train.seed))
     batch = min(train.batch_size, len(z))
@@ -244,7 +245,7 @@ def train_rqvae(
         return [order[step * batch : (step + 1) * batch] for step in range(steps)]
 
     saved = latest_checkpoint(checkpoints)
-    if saved is None:
+    if saved is None and not continued:
         model.fit_input_scaling(z)
         autoencoder = Steps(batches, lambda rows: F.mse_loss(model.decoder(model.encode(z[rows])), (z[rows] - model.input_mean) / model.input_scale))
         train_epochs("warmup", state, autoencoder, train.warmup_epochs, label="rq-vae warmup", device=device)
@@ -323,24 +324,28 @@ class SemanticIds:
 def _fit(
     z: np.ndarray, pairs: np.ndarray, architecture: RQVAEConfig, training: RQVAETrainConfig, assignment: Assignment,
     checkpoints: Callable[[str], CheckpointStore | None], on_epoch: Callable[[EpochReport], None] | None,
+    continue_from: dict[str, torch.Tensor] | None = None,
 ) -> tuple[RQVAE, list[Figures]]:
     settings = dataclasses.replace(training, assignment=assignment)
     torch.manual_seed(settings.seed)
     model = RQVAE(architecture)
-    store = checkpoints(f"{assignment}-{fingerprint(architecture.to_dict(), settings, torch.from_numpy(z), pairs)}")
-    return model, train_rqvae(model, torch.from_numpy(z), pairs, settings, device_for_training(), on_epoch, store)
+    if continue_from is not None:
+        model.load_state_dict(continue_from)
+    store = checkpoints(f"{assignment}-{fingerprint(architecture.to_dict(), settings, torch.from_numpy(z), pairs, *(continue_from or {}).values())}")
+    return model, train_rqvae(model, torch.from_numpy(z), pairs, settings, device_for_training(), on_epoch, store, continued=continue_from is not None)
 
 
 def train_semantic_ids(
     z: np.ndarray, pairs: np.ndarray, architecture: RQVAEConfig, training: RQVAETrainConfig, *,
     inference_assignment: Assignment = "argmin", checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None,
-    on_epoch: Callable[[EpochReport], None] | None = None, where: str = "embeddings",
+    on_epoch: Callable[[EpochReport], None] | None = None, where: str = "embeddings", continue_from: dict[str, torch.Tensor] | None = None,
 ) -> SemanticIds:
     """SaviorEnc stage 2 on item embeddings z (items, D) and co-click pairs (rows of z): the RQ-VAE
-    trained with Sinkhorn assignment, every item's codes assigned by `inference_assignment`, and
-    their codebook quality. `checkpoints(run_key)` gives the training run's place."""
+    trained with Sinkhorn assignment (going on from `continue_from`, a trained RQ-VAE's weights,
+    when given), every item's codes assigned by `inference_assignment`, and their codebook quality.
+    `checkpoints(run_key)` gives the training run's place."""
     check_embeddings(z, architecture.input_dim, architecture.codebook_size, where)
-    model, history = _fit(z, pairs, architecture, training, "sinkhorn", checkpoints, on_epoch)
+    model, history = _fit(z, pairs, architecture, training, "sinkhorn", checkpoints, on_epoch, continue_from)
     codes, errors = assign_codes(model, torch.from_numpy(z), inference_assignment, device_for_training(), training.batch_size)
     return SemanticIds(model, history, codes, errors, codebook_quality(codes, architecture.codebook_size))
 

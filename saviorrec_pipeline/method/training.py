@@ -9,6 +9,7 @@ its figures (held-out scores) and when to stop early. A run begins from its own 
 (`resume`), from another run's weights and optimizer state (`warm_start`), or from the model as it is.
 """
 
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,17 @@ def check_finite(loss: float, label: str, epoch: int, step: int) -> float:
             "lower the learning rate or look for extreme input values"
         )
     return loss
+
+
+def check_same_shapes(stage: str, saved_uri: str, saved: dict, today: dict, way_out: str) -> None:
+    """Refuse to reuse or go on from a saved model whose shapes differ from what today's data and
+    configuration give, naming both shapes and the way out."""
+    differ = [key for key in today if json.dumps(saved.get(key)) != json.dumps(today[key])]
+    if differ:
+        raise ValueError(
+            f"{stage}: {saved_uri} has {', '.join(f'{key}={saved.get(key)}' for key in differ)}, but today's data and configuration give "
+            f"{', '.join(f'{key}={today[key]}' for key in differ)}; {way_out}, or undo the change"
+        )
 
 
 @dataclass(frozen=True)

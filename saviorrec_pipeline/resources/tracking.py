@@ -253,10 +253,14 @@ class MlflowTracking(dg.ConfigurableResource):
                 client.set_model_version_tag(name, version, key, str(value))
 
     def load_model_files(self, model_uri: str, config_file: str) -> tuple[dict, dict]:
-        """(config, state dict) of a model logged by `TrackedRun.log_model`; nothing is unpickled."""
+        """(config, state dict) of a model logged by `TrackedRun.log_model`, without the files
+        beside them; nothing is unpickled."""
         with tempfile.TemporaryDirectory() as folder:
-            local = self.download(model_uri, Path(folder))
-            return json.loads((local / config_file).read_text()), load_file(local / MODEL_WEIGHTS)
+            return self.load_model_config(model_uri, config_file), load_file(self.download(f"{model_uri}/{MODEL_WEIGHTS}", Path(folder)))
+
+    def load_model_config(self, model_uri: str, config_file: str) -> dict:
+        """A logged model's JSON config alone."""
+        return json.loads(self.load_model_file(model_uri, config_file))
 
     def load_model_file(self, model_uri: str, name: str) -> bytes:
         """One file logged beside a model (`log_model`'s `files`)."""
