@@ -112,8 +112,8 @@ class RefreshConfig(dg.Config):
     )
     refresh_from_champion: bool = Field(
         default=True,
-        description="a refresh goes on from the champion's weights when its architecture is today's, so its space and codes carry over "
-        "and the ranker can go on too; false: from initial weights (a new space, in which the ranker starts afresh)",
+        description="a refresh goes on from the champion's weights when its architecture is today's (the encoder skips domain "
+        "adaptation, the RQ-VAE its warm-up and k-means); false: from initial weights",
     )
 
 
