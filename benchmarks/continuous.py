@@ -157,7 +157,8 @@ def readme_text(report: dict) -> str:
         f"Measured {time.strftime('%Y-%m-%d', time.gmtime())} on 2 CPU cores by `python benchmarks/continuous.py --readme`: the default demo, "
         f"a first full day then {len(report['days']) - 1} days. The first day's whole chain took {figures['first_day_chain_seconds']:.0f} s; a later day's "
         f"chain {figures['warm_day_chain_seconds']:.0f} s on average ({figures['speedup']:.1f}x faster). AUC in %.\n\n"
-        f"{report['table']}\n\n{means}\n"
+        f"{report['table']}\n\n{means}\n\n"
+        f"Targets: {'; '.join(f'{name}: ' + ('met' if met else 'missed') for name, met in figures['targets'].items())}.\n"
     )
 
 
