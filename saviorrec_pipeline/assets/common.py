@@ -2,14 +2,13 @@
 log and MLflow, the checkpoints of a stage's training runs, and when a model is due to retrain."""
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 
 import dagster as dg
 from pydantic import Field
 
 from saviorrec_pipeline.checkpoints import CheckpointFile
-from saviorrec_pipeline.method.training import EpochReport, StepReport
+from saviorrec_pipeline.method.training import EpochReport, StepReport, shapes_differing
 from saviorrec_pipeline.partitions import SETTINGS, daily_partitions
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import ChampionVersion, MlflowTracking, TrackedRun
@@ -131,6 +130,6 @@ def refresh_start(due: Refresh, from_champion: bool, architecture: dict, config_
     if due.champion is None or not from_champion:
         return TrainingStart(None, "initial weights", [])
     saved, weights = tracking.load_model_files(due.champion.uri, config_file)
-    if json.dumps(saved["architecture"], sort_keys=True) != json.dumps(architecture, sort_keys=True):
+    if shapes_differing(saved["architecture"], architecture):
         return TrainingStart(None, f"initial weights ({due.champion.uri} has another architecture)", [])
     return TrainingStart(weights, due.champion.uri, [due.champion.uri, *saved.get("continued_from", [])])

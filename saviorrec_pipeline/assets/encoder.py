@@ -138,7 +138,7 @@ def saved_training(model_uri: str, tracking: MlflowTracking) -> tuple[TrainConfi
 
 
 def encoder_lineage(model_uri: str, tracking: MlflowTracking) -> list[str]:
-    """The encoder and those it went on from, nearest first: embeddings of any of them share a space."""
+    """The encoder and those it went on from, nearest first: an RQ-VAE that coded any of them may go on."""
     return [model_uri, *tracking.load_model_config(model_uri, CONFIG).get("continued_from", [])]
 
 

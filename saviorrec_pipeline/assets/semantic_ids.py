@@ -119,7 +119,7 @@ def semantic_ids(
 def rqvae_due(tracking: MlflowTracking, partition: str, config: SemanticIdsConfig, encoder_uri: str) -> tuple[Refresh, bool]:
     """The cadence's answer (`refresh_due`), and a refresh too when the day's encoder is not the
     one the champion RQ-VAE coded; and whether a refresh may go on from the champion's weights:
-    only when asked to and the day's encoder went on from the one it coded (the same space)."""
+    only when asked to and the day's encoder is the one it coded or went on from it."""
     due = refresh_due(tracking, RQVAE_MODEL, "semantic_ids", partition, config.refresh_days, config.refresh)
     if due.champion is None:
         return due, False

@@ -256,7 +256,7 @@ def train_item_encoder(
     """SaviorEnc stage 1 on a catalog and its co-click pairs: the domain-adaptation phase where
     enabled and the catalog allows it, then i2i alignment; from `initial_weights` (a safetensors
     file) or the seed's initialisation. Given `continue_from` (a trained encoder's weights) it goes
-    on from them by alignment alone, so the refreshed encoder stays in that encoder's z space.
+    on from them by alignment alone (that encoder is already domain-adapted).
     `checkpoints(run_key)` gives the place of the run whose inputs and settings have that
     fingerprint; `where` and `catalog_source` name the inputs in errors."""
     if coclick_pairs.is_empty():

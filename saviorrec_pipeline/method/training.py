@@ -36,10 +36,15 @@ def check_finite(loss: float, label: str, epoch: int, step: int) -> float:
     return loss
 
 
+def shapes_differing(saved: dict, today: dict) -> list[str]:
+    """The keys of `today` whose values a saved model's shapes do not match."""
+    return [key for key in today if json.dumps(saved.get(key), sort_keys=True) != json.dumps(today[key], sort_keys=True)]
+
+
 def check_same_shapes(stage: str, saved_uri: str, saved: dict, today: dict, way_out: str) -> None:
     """Refuse to reuse or go on from a saved model whose shapes differ from what today's data and
     configuration give, naming both shapes and the way out."""
-    differ = [key for key in today if json.dumps(saved.get(key)) != json.dumps(today[key])]
+    differ = shapes_differing(saved, today)
     if differ:
         raise ValueError(
             f"{stage}: {saved_uri} has {', '.join(f'{key}={saved.get(key)}' for key in differ)}, but today's data and configuration give "
