@@ -44,13 +44,15 @@ def test_a_warm_start_equals_training_by_hand_from_the_champions_saved_state():
     assert result.steps_done == champion.steps_done + 4 and result.total_steps == champion.total_steps
 
     # By hand: the raw weights, Adagrad's accumulators and the moving average as saved, then plain
-    # steps over the new rows in the run's own shuffle, the average updated after each.
+    # steps over the new rows in the run's own shuffle, the average updated after each with its
+    # ramp started again: the first update copies the weights, as in a first run.
     saved = champion.state.tensors
     model = _model("saviorrec")
     model.load_state_dict({name.removeprefix("model.model."): value for name, value in saved.items() if name.startswith("model.model.")})
     parameters = dict(model.named_parameters())
     average = {name: saved[f"model.average.module.{name}"].clone() for name in parameters}
-    updates = int(saved["model.average.n_averaged"])
+    assert int(saved["model.average.n_averaged"]) == 2 * 7
+    updates = 0
     optimizer = torch.optim.Adagrad(model.parameters(), lr=settings.lr_start)
     for index, parameter in enumerate(parameters.values()):
         optimizer.state[parameter] = {"sum": saved[f"optimizer.{index}.sum"].clone(), "step": saved[f"optimizer.{index}.step"].clone()}
@@ -62,7 +64,7 @@ def test_a_warm_start_equals_training_by_hand_from_the_champions_saved_state():
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            weight = 1.0 - min(settings.average_decay, (1.0 + updates) / (10.0 + updates))
+            weight = 1.0 if updates == 0 else 1.0 - min(settings.average_decay, (1.0 + updates) / (10.0 + updates))
             with torch.no_grad():
                 for name, parameter in parameters.items():
                     average[name].lerp_(parameter, weight)
@@ -95,6 +97,26 @@ def test_items_the_champion_knew_keep_their_id_rows_and_new_items_start_fresh():
     accumulator, old_accumulator = state[f"optimizer.{item_rows}.sum"], champion.state.tensors[f"optimizer.{item_rows}.sum"]
     assert torch.equal(accumulator[:15], old_accumulator[5:20]) and old_accumulator[5:20].abs().sum() > 0
     assert torch.equal(accumulator[15:], torch.zeros_like(accumulator[15:]))
+
+
+def test_new_items_rows_learnt_in_a_short_warm_run_reach_the_kept_averaged_model():
+    rows = _parity_rows(400)
+    champion = _champion(rows, CTRTrainConfig(epochs=1, batch_size=128, sequence_length=5))
+    # A champion that trained long: its moving average is at its full horizon of 100 steps.
+    champion.state.tensors["model.average.n_averaged"] = torch.tensor(1000)
+    today = _model("saviorrec")
+    new_ids = np.concatenate([champion.weights["item_ids"].numpy()[5:], [900, 901, 902, 903, 904]])
+    with torch.no_grad():
+        today.item_ids.copy_(torch.from_numpy(new_ids))
+    fresh = today.state_dict()["item_id_embedding.weight"][15:20].clone()
+    warm = WarmStart(carry_training_state(champion, today), champion.steps_done, champion.total_steps)
+    result = train_ctr(today, rows, None, CTRTrainConfig(epochs=1, batch_size=128, sequence_length=5), CPU, warm=warm)
+    assert result.steps_done - champion.steps_done == 4
+    trained = result.final_state.tensors["model.model.item_id_embedding.weight"][15:20]
+    kept = today.state_dict()["item_id_embedding.weight"][15:20]
+    # Four steps into an average carried at its full horizon would keep 4% of what the rows learnt.
+    learnt, reached = (trained - fresh).norm(dim=1), (kept - fresh).norm(dim=1)
+    assert (learnt > 0).all() and (reached >= 0.5 * learnt).all(), (learnt, reached)
 
 
 def test_a_champion_of_another_shape_is_refused_naming_both_shapes_and_the_way_out():

