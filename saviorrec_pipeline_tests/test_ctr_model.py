@@ -100,31 +100,69 @@ def test_training_fits_a_planted_signal():
     assert history[-1]["train_logloss"] < history[0]["train_logloss"]
 
 
-def test_target_attention_is_textbook_multi_head_attention():
-    """The reordered computation against multi-head attention written out position by position."""
-    from saviorrec_pipeline.method.ctr_model import TargetAttention
-
-    g = torch.Generator().manual_seed(5)
-    attention = TargetAttention(query_dim=7, key_dim=5, value_dim=6, dim=16, heads=4)
-    with torch.no_grad():
-        for p in attention.parameters():
-            p.copy_(torch.randn(p.shape, generator=g))
-    query, keys, values = torch.randn(3, 7, generator=g), torch.randn(3, 9, 5, generator=g), torch.randn(3, 9, 6, generator=g)
-    mask = torch.rand(3, 9, generator=g) < 0.6
-    mask[2] = False  # a user without clicks
-    expected = torch.zeros(3, 16)
-    for b in range(3):
-        for h in range(4):
-            rows = slice(4 * h, 4 * h + 4)
+def _textbook_attention(attention, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention of one query over a sequence, written out position by position with
+    `attention`'s weights: per head, softmax(k_n . q / sqrt(head dim)) over kept positions weighs v_n."""
+    batch, dim, heads = query.shape[0], attention.w_q.weight.shape[0], attention.heads
+    head_dim = dim // heads
+    expected = torch.zeros(batch, dim)
+    for b in range(batch):
+        for h in range(heads):
+            rows = slice(head_dim * h, head_dim * (h + 1))
             q = query[b] @ attention.w_q.weight[rows].T + attention.w_q.bias[rows]
             k = keys[b] @ attention.w_k.weight[rows].T
             v = values[b] @ attention.w_v.weight[rows].T + attention.w_v.bias[rows]
             kept = mask[b].nonzero().flatten()
             if len(kept):
-                weights = torch.softmax((k[kept] @ q) / 2.0, dim=0)  # sqrt(head dim 4) = 2
+                weights = torch.softmax((k[kept] @ q) / head_dim ** 0.5, dim=0)
                 expected[b, rows] = weights @ v[kept]
+    return expected
+
+
+def _randomised(module: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
     with torch.no_grad():
-        torch.testing.assert_close(attention(query, keys, values, mask), expected, rtol=1e-4, atol=1e-4)
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    return module
+
+
+def test_target_attention_is_textbook_multi_head_attention():
+    """The reordered computation against multi-head attention written out position by position."""
+    from saviorrec_pipeline.method.ctr_model import TargetAttention
+
+    g = torch.Generator().manual_seed(5)
+    attention = _randomised(TargetAttention(query_dim=7, key_dim=5, value_dim=6, dim=16, heads=4), g)
+    query, keys, values = torch.randn(3, 7, generator=g), torch.randn(3, 9, 5, generator=g), torch.randn(3, 9, 6, generator=g)
+    mask = torch.rand(3, 9, generator=g) < 0.6
+    mask[2] = False  # a user without clicks
+    with torch.no_grad():
+        torch.testing.assert_close(attention(query, keys, values, mask), _textbook_attention(attention, query, keys, values, mask), rtol=1e-4, atol=1e-4)
+
+
+def test_each_bidirectional_block_reads_the_query_key_and_value_of_its_equation():
+    """Eqs. 11-14 with distinct behavior (h) and multimodal (z) inputs of one width, so that a block
+    reading the wrong side gives other numbers rather than a shape error."""
+    from saviorrec_pipeline.method.ctr_model import BLOCKS, BiDirectionalTargetAttention
+
+    g = torch.Generator().manual_seed(8)
+    attention = _randomised(BiDirectionalTargetAttention(BLOCKS, h_dim=6, z_dim=6, dim=8, heads=2), g)
+    h_cand, h_seq, z_cand, z_seq = torch.randn(4, 6, generator=g), torch.randn(4, 7, 6, generator=g), torch.randn(4, 6, generator=g), torch.randn(4, 7, 6, generator=g)
+    mask = torch.rand(4, 7, generator=g) < 0.7
+    mask[:, 0] = True
+    equations = {  # TA(query, key, value)
+        "b": (h_cand, h_seq, h_seq),  # eq. 11
+        "m": (z_cand, z_seq, z_seq),  # eq. 12
+        "m2b": (z_cand, z_seq, h_seq),  # eq. 13: similarity in the semantic space pools behavior
+        "b2m": (h_cand, h_seq, z_seq),  # eq. 14: similarity in the behavior space pools the multimodal side
+    }
+    with torch.no_grad():
+        outputs = attention(h_cand, h_seq, z_cand, z_seq, mask).split(8, dim=-1)
+        for name, output in zip(attention.blocks.keys(), outputs):
+            torch.testing.assert_close(output, _textbook_attention(attention.blocks[name], *equations[name], mask), rtol=1e-4, atol=1e-4, msg=name)
+            query, keys, values = equations[name]
+            swapped = _textbook_attention(attention.blocks[name], query, values, keys, mask)
+            if keys is not values:  # reading keys and values the other way round must show
+                assert (output - swapped).abs().max() > 1e-2, name
 
 
 def test_bidirectional_attention_equals_each_block_computed_on_its_own():
@@ -223,3 +261,32 @@ def test_statistics_are_standardised_so_their_units_do_not_matter():
     scaled_batch = Batch(**{**batch.__dict__, "stats": batch.stats * 1000 + 50, "seq_stats": (batch.seq_stats * 1000 + 50) * batch.seq_mask[..., None]})
     with torch.no_grad():
         torch.testing.assert_close(model(batch), rescaled(scaled_batch), rtol=1e-4, atol=1e-4)
+
+
+def test_no_mm_embedding_starts_mba_at_the_rq_codebooks_and_has_no_skip_to_z():
+    """Table 3's no_mm_embedding feeds the multimodal side from the semantic IDs alone: its MBA
+    codebook starts as the RQ-VAE's codewords and z does not pass through; saviorrec's starts at
+    zero with z passing through unchanged."""
+    import numpy as np
+
+    from saviorrec_pipeline.method.ctr_training import CTRInputs, ItemIndex, build_ctr_model
+
+    g = torch.Generator().manual_seed(9)
+    rows = _parity_rows(8)
+    rq_codebooks = torch.randn(LEVELS, K, 4, generator=g)
+    inputs = CTRInputs(
+        train=rows, evaluation=rows, eval_rows=None, items=ItemIndex(np.arange(100, 100 + ITEMS)), z=torch.randn(ITEMS, DIM, generator=g),
+        codes=torch.randint(0, K, (ITEMS, LEVELS), generator=g), rq_codebooks=rq_codebooks, vocabularies={"segment": ["a", "b", "c"]},
+        sequence_length=5, use_base_pctr=False, train_days=[],
+    )
+    architecture = {"id_dim": 8, "user_buckets": 50, "attention_dim": 16, "heads": 8, "dnn_dims": (32, 16)}
+    codes, z, other_z = inputs.codes[:6], inputs.z[:6], torch.randn(6, DIM, generator=g)
+    no_mm = build_ctr_model(inputs, "no_mm_embedding", architecture, seed=0)
+    assert torch.equal(no_mm.mba.codebook.detach(), rq_codebooks)
+    with torch.no_grad():
+        torch.testing.assert_close(no_mm.mba(z, codes), no_mm.mba(other_z, codes))  # nothing of z gets through
+        assert no_mm.mba(z, codes).abs().sum() > 0
+    saviorrec = build_ctr_model(inputs, "saviorrec", architecture, seed=0)
+    assert torch.equal(saviorrec.mba.codebook.detach(), torch.zeros_like(rq_codebooks))
+    with torch.no_grad():
+        torch.testing.assert_close(saviorrec.mba(z, codes), z)

@@ -106,3 +106,25 @@ def test_quality_figures_on_a_known_assignment():
 def test_bad_embeddings_are_refused_by_name(z, problem):
     with pytest.raises(ValueError, match=problem.replace("(", r"\(").replace(")", r"\)")):
         check_embeddings(z, expected_dim=8, codebook_size=32, where="item_embeddings/2025-07-22")
+
+
+def test_straight_through_passes_the_decoders_gradient_unchanged_to_the_encoder():
+    """The codeword choice has no gradient; the straight-through estimator hands the gradient at
+    the decoder's input (the quantised latent) to the encoder's output as it is."""
+    g = torch.Generator().manual_seed(4)
+    model = RQVAE(RQVAEConfig(input_dim=12, latent_dim=6, num_levels=2, codebook_size=8, hidden_dims=(10,)))
+    z = torch.randn(20, 12, generator=g)
+    target = torch.randn(20, 12, generator=g)
+    z_hat, _, q = model(z)
+    ((z_hat - target) ** 2).sum().backward()
+    through_model = [p.grad.clone() for p in model.encoder.parameters()]
+    assert all(torch.isfinite(grad).all() for grad in through_model) and sum(grad.abs().sum() for grad in through_model) > 0
+
+    # By hand: the gradient at the decoder's input, then back through the encoder alone.
+    model.zero_grad()
+    decoder_input = q.quantized.detach().requires_grad_()
+    ((model.decode(decoder_input) - target) ** 2).sum().backward()
+    latent = model.encode(z)
+    by_hand = torch.autograd.grad(latent, list(model.encoder.parameters()), grad_outputs=decoder_input.grad)
+    for grad, expected in zip(through_model, by_hand):
+        torch.testing.assert_close(grad, expected)
