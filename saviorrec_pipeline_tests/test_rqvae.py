@@ -8,10 +8,12 @@ from saviorrec_pipeline.method.rqvae import (
     RQVAE,
     RQVAEConfig,
     RQVAETrainConfig,
+    PairBatch,
     Quantized,
     assign_codes,
     check_embeddings,
     codebook_quality,
+    rqvae_loss,
     sinkhorn_assign,
     train_rqvae,
 )
@@ -128,3 +130,48 @@ def test_straight_through_passes_the_decoders_gradient_unchanged_to_the_encoder(
     by_hand = torch.autograd.grad(latent, list(model.encoder.parameters()), grad_outputs=decoder_input.grad)
     for grad, expected in zip(through_model, by_hand):
         torch.testing.assert_close(grad, expected)
+
+
+def test_eq5_weighs_the_raw_reconstruction_the_commitment_and_the_pairs_contrast_as_given():
+    """Eq. 5 by hand on a model whose input scaling is far from 1 (as the aligned embeddings'
+    is): reconstruction and commitment as squared norms per item (on z as given, and on each
+    level's latent residual), InfoNCE on the standardised reconstructions of the pairs without
+    the same item as a negative; lambda0 and lambda1 as set."""
+    g = torch.Generator().manual_seed(7)
+    model = RQVAE(RQVAEConfig(input_dim=6, latent_dim=4, num_levels=2, codebook_size=5, hidden_dims=(8,)))
+    with torch.no_grad():
+        model.input_mean.copy_(torch.randn(6, generator=g))
+        model.input_scale.copy_(0.01 + 0.05 * torch.rand(6, generator=g))
+        model.codebooks.copy_(torch.randn(2, 5, 4, generator=g))
+    rows = torch.randn(9, 6, generator=g)
+    z = rows[:5]
+    item_a, item_b = torch.tensor([5, 6, 7]), torch.tensor([8, 8, 5])  # item 8 twice, item 5 on both sides
+    pairs = PairBatch(rows[item_a], rows[item_b], item_a, item_b)
+    loss, parts, _ = rqvae_loss(model, z, pairs, lambda_reconstruct=1000.0, lambda_commit=0.5, temperature=0.07, assignment="argmin")
+
+    with torch.no_grad():
+        batch = torch.cat([z, pairs.z_a, pairs.z_b])
+        latent = model.encoder((batch - model.input_mean) / model.input_scale)
+        residual, quantized, commitment = latent, torch.zeros_like(latent), 0.0
+        for codebook in model.codebooks:
+            chosen = codebook[torch.cdist(residual, codebook).argmin(dim=1)]
+            commitment += ((residual - chosen) ** 2).sum(dim=1).mean()
+            quantized, residual = quantized + chosen, residual - chosen
+        z_hat = model.decoder(quantized) * model.input_scale + model.input_mean
+        reconstruction = ((z_hat[:5] - z) ** 2).sum(dim=1).mean()
+        h = torch.nn.functional.normalize((z_hat[5:] - model.input_mean) / model.input_scale, dim=-1)
+        items = torch.cat([item_a, item_b]).tolist()
+        contrast = 0.0
+        for anchor in range(6):
+            partner = (anchor + 3) % 6
+            negatives = [k for k in range(6) if k not in (anchor, partner) and items[k] not in (items[anchor], items[partner])]
+            scores = torch.stack([h[anchor] @ h[k] / 0.07 for k in [partner, *negatives]])
+            contrast += -(scores[0] - torch.logsumexp(scores, dim=0)) / 6
+    terms = {"reconstruction": 1000 * reconstruction, "commitment": 0.5 * commitment, "contrast": contrast}
+    total = sum(terms.values())
+    torch.testing.assert_close(loss.detach(), total)
+    assert parts["reconstruction"] == pytest.approx(reconstruction.item(), rel=1e-5)
+    assert parts["commitment"] == pytest.approx(commitment.item(), rel=1e-5)
+    assert parts["contrast"] == pytest.approx(contrast.item(), rel=1e-5)
+    for name, term in terms.items():
+        assert parts[f"share_{name}"] == pytest.approx((term / total).item(), rel=1e-5)

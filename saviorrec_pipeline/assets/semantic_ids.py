@@ -110,6 +110,7 @@ def semantic_ids(
         "trained_from": start.source, "items": codes.height, "mlflow_run_id": run.run_id, "resumed_from": checkpoints.summary(),
         "shape": f"L={architecture.num_levels}, K={architecture.codebook_size}, d={architecture.latent_dim}", **figures,
         "loss_last_epoch": round(result.history[-1]["loss"], 5),
+        **{f"{key}_last_epoch": round(value, 4) for key, value in result.history[-1].items() if key.startswith("share_")},
         "codebook_quality": dg.MetadataValue.md(quality_markdown([("rq-vae (sinkhorn)", result.quality)])),
         **({"code_churn": dg.MetadataValue.md(churn_markdown(churn))} if churn else {}),
         **usage.metadata(len(z) * training.epochs, unit="item_epochs"),
