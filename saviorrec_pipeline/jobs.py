@@ -18,6 +18,8 @@ chain_job = dg.define_asset_job(
 paper_tables_job = dg.define_asset_job(
     "paper_tables",
     selection=paper_assets,
-    description="The paper's comparisons for a day whose chain has run: Table 4's encoder variants (i2i_retrieval), the "
-    "argmin RQ-VAE and faiss quantiser beside the semantic IDs (rq_comparison), Table 3's ablations (ctr_ablations).",
+    description="The paper's comparisons for a day whose chain has run: Table 4's encoder variants (i2i_retrieval), Fig. 5's "
+    "embedding maps (embedding_map), the argmin RQ-VAE and faiss quantiser beside the semantic IDs (rq_comparison), Table 3's "
+    "ablations and Fig. 4's feature removals (ctr_ablations), Table 5's MBA dimensions (mba_dimensions), and their AUC per PV "
+    "bucket (ablation_report).",
 )

@@ -81,6 +81,10 @@ def test_day_one_trains_everything_and_its_models_become_champion(five_days):
     assert metadata(first, "item_encoder")["training"] == metadata(first, "semantic_ids")["training"] == "trained"
     ctr = metadata(first, "ctr_model")
     assert ctr["warm_start_from"] == "scratch" and ctr["trained_days"] == WINDOW.train_days
+    assert ctr["saviorrec_level_norms"].startswith("![saviorrec: norms per residual level](data:image/png;base64,")
+    assert "base_level_norms" not in ctr  # base has no MBA
+    shares = [value for key, value in metadata(first, "semantic_ids").items() if key.startswith("share_")]
+    assert len(shares) == 3 and sum(shares) == pytest.approx(1, abs=1e-3)
     gate = metadata(first, "champion_gate")
     assert gate["decision"] == "promoted" and "first model" in gate["reason"]
     assert champions[0] == {name: "1" for name in MODELS}

@@ -290,3 +290,44 @@ def test_no_mm_embedding_starts_mba_at_the_rq_codebooks_and_has_no_skip_to_z():
     assert torch.equal(saviorrec.mba.codebook.detach(), torch.zeros_like(rq_codebooks))
     with torch.no_grad():
         torch.testing.assert_close(saviorrec.mba(z, codes), z)
+
+
+def test_mba_level_norms_read_each_levels_codebook_rows_and_its_block_of_fusion_weights():
+    """Fig. 3 by hand: level 2's rows are twice level 1's, and only level 1's weight block is set."""
+    mba = MBA(num_levels=2, codebook_size=3, dim=2, out_dim=4)
+    with torch.no_grad():
+        mba.codebook[0] = torch.tensor([[3.0, 4.0], [0.0, 5.0], [5.0, 0.0]])  # norms 5
+        mba.codebook[1] = 2 * mba.codebook[0]  # norms 10
+        mba.fuse[0].weight.zero_()
+        mba.fuse[0].weight[:, :2] = 1.0  # the 4 x 2 block reading v_1: norm sqrt(8)
+        mba.fuse[0].weight[0, 2] = 0.5  # one weight reading v_2
+    rows, weights = mba.level_norms()
+    torch.testing.assert_close(rows, torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(weights, torch.tensor([1.0, 0.5 / 8**0.5]))
+
+
+def test_no_statistics_ignores_the_statistics_and_saviorrec_does_not():
+    """Fig. 4's 'without statistics': S of the candidate and of the sequence no longer reach the score."""
+    batch = _batch()
+    shuffled = Batch(**{**batch.__dict__, "stats": torch.rand(32, 3) * 5, "seq_stats": torch.rand(32, 5, 3) * 5 * batch.seq_mask[..., None]})
+    with torch.no_grad():
+        without = _model("no_statistics").eval()
+        torch.testing.assert_close(without(batch), without(shuffled))
+        savior = _model("saviorrec").eval()
+        assert (savior(batch) - savior(shuffled)).abs().max() > 1e-4
+
+
+def test_no_item_id_scores_items_by_their_content_and_statistics_alone():
+    """Fig. 4's 'without item ID': two items with the same z, codes and statistics score alike,
+    where saviorrec tells them apart by their ID rows."""
+    batch = _batch()
+    twin = Batch(**{**batch.__dict__, "item": (batch.item + 1) % ITEMS})
+    without, savior = _model("no_item_id").eval(), _model("saviorrec").eval()
+    assert not hasattr(without, "item_id_embedding")
+    with torch.no_grad():
+        for model in (without, savior):
+            model.item_embeddings[1:ITEMS] = model.item_embeddings[0]
+            model.item_codes[1:ITEMS] = model.item_codes[0]
+        savior.item_id_embedding.weight.normal_()  # distinct ID rows
+        torch.testing.assert_close(without(batch), without(twin))
+        assert (savior(batch) - savior(twin)).abs().max() > 1e-4

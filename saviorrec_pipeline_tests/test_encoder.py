@@ -307,8 +307,8 @@ def test_minilm_preset_embeds_with_the_shipped_text_tower():
 def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tmp_path):
     """coclick_pairs -> ... -> auc_report for one partition on tiny presets, then the RQ-VAE and the
     CTR model rebuilt from their MLflow artifacts reproduce the stored codes and predictions."""
-    from saviorrec_pipeline.assets.auc_report import auc_report
-    from saviorrec_pipeline.assets.ctr_model import ctr_ablations, ctr_model, load_ctr_model
+    from saviorrec_pipeline.assets.auc_report import ablation_report, auc_report
+    from saviorrec_pipeline.assets.ctr_model import ctr_ablations, ctr_model, load_ctr_model, mba_dimensions
     from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
     from saviorrec_pipeline.assets.semantic_ids import embedding_matrix, load_rqvae, rq_comparison, semantic_ids
     from saviorrec_pipeline.method.ctr_training import ItemIndex, encode_rows, predict
@@ -318,10 +318,11 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     rq = {"num_levels": 2, "codebook_size": 16, "code_dim": 8, "epochs": 3, "batch_size": 128}
     ctr = {"epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}
     result = dg.materialize(
-        [coclick_pairs, item_encoder, item_embeddings, semantic_ids, rq_comparison, ranking_dataset, ctr_model, ctr_ablations, auc_report],
+        [coclick_pairs, item_encoder, item_embeddings, semantic_ids, rq_comparison, ranking_dataset, ctr_model, ctr_ablations, mba_dimensions,
+         auc_report, ablation_report],
         partition_key=EVAL_DAY, resources=resources,
         run_config={"ops": {"item_encoder": {"config": FAST}, "semantic_ids": {"config": rq}, "rq_comparison": {"config": rq},
-                            "ctr_model": {"config": ctr}, "ctr_ablations": {"config": ctr}}},
+                            "ctr_model": {"config": ctr}, "ctr_ablations": {"config": ctr}, "mba_dimensions": {"config": ctr}}},
     )
     assert result.success
     storage = resources["parquet_io_manager"].storage
@@ -356,11 +357,11 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     assert sorted(predictions["variant"].unique()) == ["base", "saviorrec"]
     assert predictions.group_by("variant").len()["len"].to_list() == [evaluation.height] * 2
     assert predictions["pctr"].is_between(0, 1).all()
-    # Table 3's ablations, trained as ctr_model trains: base and saviorrec give the same predictions.
+    # Table 3's ablations and Fig. 4's removals, trained as ctr_model trains: base and saviorrec give the same predictions.
     ablations = storage.read("ctr_ablations", EVAL_DAY)
-    variants = ["base", "no_mba", "no_mm_embedding", "no_bidir", "saviorrec"]
+    variants = ["base", "no_mba", "no_mm_embedding", "no_bidir", "no_item_id", "no_statistics", "saviorrec"]
     assert sorted(ablations["variant"].unique()) == sorted(variants)
-    assert ablations.group_by("variant").len()["len"].to_list() == [evaluation.height] * 5
+    assert ablations.group_by("variant").len()["len"].to_list() == [evaluation.height] * 7
     key = ["user_id", "item_id", "ts", "variant"]
     same = predictions.select(*key, "pctr").join(ablations.select(*key, pl.col("pctr").alias("again")), on=key)
     assert same.height == 2 * evaluation.height and (same["pctr"] == same["again"]).all()
@@ -392,6 +393,18 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     metadata = result.asset_materializations_for_node("auc_report")[0].metadata
     assert "data:image/png;base64," in metadata["auc_by_pv_bucket"].value and "| saviorrec |" in metadata["report"].value
 
+    # Table 5: saviorrec at d = 8 and its halvings; the report sets every variant beside base and saviorrec.
+    dimensions = storage.read("mba_dimensions", EVAL_DAY)
+    assert sorted(dimensions["variant"].unique()) == [f"saviorrec_mba_dim_{d}" for d in (1, 2, 4, 8)]
+    ablation = storage.read("ablation_report", EVAL_DAY)
+    assert ablation.filter(pl.col("bucket") == "total")["variant"].n_unique() == 11
+    saviorrec_total = ablation.filter((pl.col("variant") == "saviorrec") & (pl.col("bucket") == "total")).row(0, named=True)
+    assert saviorrec_total["delta_vs_saviorrec"] == 0 and saviorrec_total["auc"] == report.filter(
+        (pl.col("variant") == "saviorrec") & (pl.col("bucket") == "total"))["auc"].item()
+    views = result.asset_materializations_for_node("ablation_report")[0].metadata
+    assert "| no_bidir |" in views["table_3"].value and "| MBA dimension 1 |" in views["table_5"].value
+    assert "| w/o statistics |" in views["fig_4"].value and "data:image/png;base64," in views["fig_4_chart"].value
+
 
 @pytest.mark.parametrize("modalities, reason", [("text", "no catalog item has an image"), ("image", "no catalog item has a title")])
 @pytest.mark.integration
@@ -406,7 +419,7 @@ def test_whole_chain_at_default_encoder_settings_on_a_catalog_with_one_modality(
     resources = _resources(raw, tmp_path)
     small = {
         "semantic_ids": {"config": {"num_levels": 2, "codebook_size": 16, "code_dim": 8, "epochs": 3, "batch_size": 128}},
-        "ctr_model": {"config": {"epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}},
+        **{stage: {"config": {"epochs": 1, "batch_size": 256, "attention_dim": 16, "id_dim": 8}} for stage in ("ctr_model", "ctr_ablations", "mba_dimensions")},
     }
     result = dg.materialize(all_assets, partition_key=EVAL_DAY, resources=resources, run_config={"ops": small})
     assert result.success
@@ -447,3 +460,13 @@ def test_whole_chain_at_default_encoder_settings_on_a_catalog_with_one_modality(
     assert f"| domain_adaptation | n/a: {reason} | - |" in table and f"| both | n/a: {reason} | - |" in table
     retrieval_run = client.get_run(result.asset_materializations_for_node("i2i_retrieval")[0].metadata["mlflow_run_id"].value)
     assert {"hit_at_30.untuned", "hit_at_30.i2i_alignment"} == {k for k in retrieval_run.data.metrics if k.startswith("hit_at")}
+    untuned_start = "random initialisation from seed 0 (no pretrained tower or checkpoint configured)"
+    assert retrieval_run.data.params["untuned_start"] == untuned_start
+
+    # Fig. 5 on the one-modality catalog: both spaces drawn, coloured by the demo's planted groups.
+    drawn = storage.read("embedding_map", EVAL_DAY)
+    assert drawn.group_by("space").len().sort("space").rows() == [("aligned", catalog.height), ("untuned", catalog.height)]
+    assert drawn["group"].null_count() == 0
+    figure = result.asset_materializations_for_node("embedding_map")[0].metadata
+    assert figure["untuned_start"].value == untuned_start and "data:image/png;base64," in figure["fig_5"].value
+    assert 0 <= figure["neighbour_group_agreement_untuned"].value <= 1 and 0 <= figure["neighbour_group_agreement_aligned"].value <= 1

@@ -34,7 +34,7 @@ K8S = REPO / "deploy" / "k8s"
 # Release and namespace as in deploy/k8s/README.md; the chart names things after them.
 RELEASE = NAMESPACE = "saviorrec"
 FULLNAME = f"{RELEASE}-dagster"  # the chart's "dagster.fullname"
-TRAINING_STEPS = {"item_encoder", "i2i_retrieval", "semantic_ids", "rq_comparison", "ctr_model", "ctr_ablations"}
+TRAINING_STEPS = {"item_encoder", "i2i_retrieval", "semantic_ids", "rq_comparison", "ctr_model", "ctr_ablations", "mba_dimensions"}
 GPU = "nvidia.com/gpu"
 
 

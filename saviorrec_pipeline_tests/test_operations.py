@@ -70,4 +70,4 @@ def test_training_stages_share_one_pool():
     # Its limit of one step at a time is set by both instance files (test_deployment).
     graph = defs.resolve_asset_graph()
     pooled = {key.to_user_string() for key in graph.get_all_asset_keys() if TRAINING_POOL in graph.get(key).pools}
-    assert pooled == {"item_encoder", "i2i_retrieval", "semantic_ids", "rq_comparison", "ctr_model", "ctr_ablations"}
+    assert pooled == {"item_encoder", "i2i_retrieval", "semantic_ids", "rq_comparison", "ctr_model", "ctr_ablations", "mba_dimensions"}

@@ -1,20 +1,19 @@
-"""auc_report: AUC per CTR variant, total and per item-PV bucket (paper Tables 1-2)."""
+"""AUC per CTR variant, total and per item-PV bucket: the daily `auc_report` (paper Tables 1-2), and
+`ablation_report` (Tables 3 and 5, Fig. 4) over the paper_tables job's variants."""
 
-import base64
 import io
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from saviorrec_pipeline.assets.common import RANKING_GROUP
+from saviorrec_pipeline.assets.common import PAPER_GROUP, RANKING_GROUP
+from saviorrec_pipeline.charts import figure, markdown_image
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.metrics import PAPER_PV_EDGES, auc_report as build_report, format_edges
 from saviorrec_pipeline.partitions import daily_partitions
-from saviorrec_pipeline.resources.tracking import MlflowTracking
+from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
 
 DEFINED_CHECK = "auc_defined_for_every_variant"
 NOT_BELOW_BASE_CHECK = "saviorrec_not_below_base"
@@ -47,18 +46,14 @@ def auc_report(context: dg.AssetExecutionContext, config: AucReportConfig, ctr_m
         run.log_params({"pv_edges": format_edges(edges)})
         totals = report.filter(pl.col("bucket") == "total")
         run.log_metrics({f"{v}_auc": a for v, a in totals.select("variant", "auc").iter_rows() if a is not None})
-        with tempfile.TemporaryDirectory() as folder:
-            Path(folder, "auc_report.md").write_text(table)
-            Path(folder, "auc_by_pv_bucket.png").write_bytes(chart)
-            report.write_parquet(Path(folder, "auc_report.parquet"))
-            run.log_artifacts(Path(folder), "report")
+        log_report(run, report, {"auc_report.md": table.encode(), "auc_by_pv_bucket.png": chart})
     totals = {v: a for v, a in report.filter(pl.col("bucket") == "total").select("variant", "auc").iter_rows()}
     yield dg.Output(
         report,
         metadata={
             "pv_edges": format_edges(edges),
             "report": dg.MetadataValue.md(table),
-            "auc_by_pv_bucket": dg.MetadataValue.md(f"![AUC by PV bucket](data:image/png;base64,{base64.b64encode(chart).decode()})"),
+            "auc_by_pv_bucket": dg.MetadataValue.md(markdown_image("AUC by PV bucket", chart)),
             "mlflow_run_id": run.run_id,
             **{f"{v}_total_auc": round(a, 5) for v, a in totals.items() if a is not None},
         },
@@ -73,49 +68,123 @@ def auc_report(context: dg.AssetExecutionContext, config: AucReportConfig, ctr_m
     yield dg.AssetCheckResult(check_name=NOT_BELOW_BASE_CHECK, passed=passed, severity=dg.AssetCheckSeverity.WARN, metadata=details)
 
 
-def markdown_table(report: pl.DataFrame, edges: tuple[float, ...]) -> str:
-    """Variants as rows, buckets as columns (AUC in %, delta to base), then the bucket sizes (Table 1)."""
+def log_report(run: TrackedRun, report: pl.DataFrame, files: dict[str, bytes]) -> None:
+    """The report's Parquet and its rendered `files` as the run's artifacts, under report/."""
+    parquet = io.BytesIO()
+    report.write_parquet(parquet)
+    run.log_files({**files, "report.parquet": parquet.getvalue()}, "report")
+
+
+def markdown_table(report: pl.DataFrame, edges: tuple[float, ...], baseline: str = "base", labels: dict[str, str] | None = None) -> str:
+    """Variants as rows (named by `labels` where given), buckets as columns (AUC in %, with the
+    delta to `baseline`), then the bucket sizes (Table 1)."""
     buckets = report["bucket"].unique(maintain_order=True).to_list()
+    delta = "delta_vs_base" if baseline == "base" else f"delta_vs_{baseline}"
     by_variant = []
     for variant in report["variant"].unique(maintain_order=True):
         rows = {r["bucket"]: r for r in report.filter(pl.col("variant") == variant).iter_rows(named=True)}
         cells = []
         for bucket in buckets:
-            auc, delta = rows[bucket]["auc"], rows[bucket]["delta_vs_base"]
+            auc, difference = rows[bucket]["auc"], rows[bucket][delta]
             cell = "n/a" if auc is None else f"{100 * auc:.2f}"
-            if delta is not None and variant != "base":
-                cell += f" ({100 * delta:+.2f})"
+            if difference is not None and variant != baseline:
+                cell += f" ({100 * difference:+.2f})"
             cells.append(cell)
-        by_variant.append([variant, *cells])
+        by_variant.append([(labels or {}).get(variant, variant), *cells])
     first = report.filter(pl.col("variant") == report["variant"][0])
     sizes = [(r["bucket"], r["samples"], r["clicks"], r["items"]) for r in first.iter_rows(named=True)]
     return "\n\n".join([
-        f"PV bucket edges: {format_edges(edges)}", table(["variant", *buckets], by_variant), table(["bucket", "samples", "clicks", "items"], sizes)
+        f"PV bucket edges: {format_edges(edges)}; AUC %, in brackets the difference to {baseline}",
+        table(["variant", *buckets], by_variant), table(["bucket", "samples", "clicks", "items"], sizes),
     ])
 
 
-def bar_chart_png(report: pl.DataFrame) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def bar_chart_png(report: pl.DataFrame, value: str = "auc", ylabel: str = "AUC (%)", labels: dict[str, str] | None = None) -> bytes:
+    """Per PV bucket, a bar per variant of `value` (in %)."""
     buckets = report["bucket"].unique(maintain_order=True).to_list()
     variants = report["variant"].unique(maintain_order=True).to_list()
     width = 0.8 / len(variants)
-    figure, axis = plt.subplots(figsize=(max(6, 1.1 * len(buckets)), 3.5))
-    for i, variant in enumerate(variants):
-        rows = {r["bucket"]: r["auc"] for r in report.filter(pl.col("variant") == variant).iter_rows(named=True)}
-        axis.bar([b + i * width for b in range(len(buckets))], [100 * (rows[b] or 0) for b in buckets], width, label=variant)
-    defined = [a for a in report["auc"].to_list() if a is not None]
-    if defined:
-        axis.set_ylim(100 * min(defined) - 2, 100 * max(defined) + 1)
-    axis.set_xticks([b + width * (len(variants) - 1) / 2 for b in range(len(buckets))], buckets, rotation=30, ha="right")
-    axis.set_ylabel("AUC (%)")
-    axis.set_xlabel("item PV bucket")
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    with figure(max(6, 1.1 * len(buckets)), 3.5) as (axis, out):
+        for i, variant in enumerate(variants):
+            rows = {r["bucket"]: r[value] for r in report.filter(pl.col("variant") == variant).iter_rows(named=True)}
+            bars = [100 * (rows[b] or 0) for b in buckets]
+            axis.bar([b + i * width for b in range(len(buckets))], bars, width, label=(labels or {}).get(variant, variant))
+        defined = [100 * a for a in report[value].to_list() if a is not None]
+        if defined and value == "auc":
+            axis.set_ylim(min(defined) - 2, max(defined) + 1)
+        else:
+            axis.axhline(0, color="black", linewidth=0.8)
+        axis.set_xticks([b + width * (len(variants) - 1) / 2 for b in range(len(buckets))], buckets, rotation=30, ha="right")
+        axis.set_ylabel(ylabel)
+        axis.set_xlabel("item PV bucket")
+        axis.legend(fontsize="small")
+    return out["png"]
+
+
+TABLE_3 = ("base", "no_mba", "no_mm_embedding", "no_bidir", "saviorrec")  # in the paper's order
+FIG_4 = {"no_item_id": "w/o item ID", "no_statistics": "w/o statistics", "base": "w/o multimodal (= base)"}
+
+
+@dg.asset(
+    group_name=PAPER_GROUP,
+    partitions_def=daily_partitions,
+    io_manager_key="parquet_io_manager",
+    ins={"ctr_ablations": dg.AssetIn(), "mba_dimensions": dg.AssetIn()},
+    description="Paper Table 3 (ablations), Table 5 (MBA codebook dimension) and Fig. 4 (AUC drop without item ID, statistics or "
+    "multimodal features) on the evaluation window: AUC per variant, total and per item-PV bucket, with deltas to base and to saviorrec.",
+)
+def ablation_report(
+    context: dg.AssetExecutionContext, config: AucReportConfig, ctr_ablations: pl.DataFrame, mba_dimensions: pl.DataFrame, tracking: MlflowTracking,
+) -> dg.Output[pl.DataFrame]:
+    edges = tuple(config.pv_edges)
+    report = paper_ablation_report(ctr_ablations, mba_dimensions, edges)
+    views = ablation_views(report, edges)
+    with tracking.start_run(context, "ablation_report") as run:
+        run.log_params({"pv_edges": format_edges(edges)})
+        totals = report.filter(pl.col("bucket") == "total")
+        run.log_metrics({f"{v}_auc": a for v, a in totals.select("variant", "auc").iter_rows() if a is not None})
+        log_report(run, report, {f"{name}.png" if isinstance(view, bytes) else f"{name}.md": view if isinstance(view, bytes) else view.encode()
+                                 for name, view in views.items()})
+    return dg.Output(report, metadata={
+        "pv_edges": format_edges(edges), "mlflow_run_id": run.run_id,
+        **{name: dg.MetadataValue.md(markdown_image(name, view) if isinstance(view, bytes) else view) for name, view in views.items()},
+    })
+
+
+def paper_ablation_report(ablations: pl.DataFrame, dimensions: pl.DataFrame, edges: tuple[float, ...]) -> pl.DataFrame:
+    """Every variant's AUC rows (`auc_report`'s columns) with the difference to saviorrec beside
+    the one to base; Table 5's models compared with the ablations' base."""
+    predictions = pl.concat([ablations, dimensions], how="diagonal_relaxed").select("variant", "item_id", "pv", "label", "pctr")
+    if "base" not in predictions["variant"]:
+        raise ValueError("ablation_report: ctr_ablations has no base variant to compare with (add it to ctr_ablations' variants)")
+    report = build_report(predictions, edges)
+    if "saviorrec" not in predictions["variant"]:
+        return report.with_columns(pl.lit(None, pl.Float64).alias("delta_vs_saviorrec"))
+    versus = build_report(predictions, edges, baseline="saviorrec").select("variant", "bucket", pl.col("delta_vs_base").alias("delta_vs_saviorrec"))
+    return report.join(versus, on=["variant", "bucket"], how="left", maintain_order="left")
+
+
+def ablation_views(report: pl.DataFrame, edges: tuple[float, ...]) -> dict[str, str | bytes]:
+    """The report as the paper shows it: Table 3 and Table 5 (markdown, deltas to base), Fig. 4's
+    drops against saviorrec (markdown and a chart); each where its variants were trained."""
+    present = report["variant"].unique(maintain_order=True).to_list()
+    views: dict[str, str | bytes] = {}
+    table_3 = [v for v in TABLE_3 if v in present]
+    if len(table_3) > 1:
+        views["table_3"] = markdown_table(_in_order(report, table_3), edges)
+    dimensions = sorted((v for v in present if v.startswith("saviorrec_mba_dim_")), key=lambda v: -int(v.rsplit("_", 1)[1]))
+    if dimensions:
+        labels = {v: f"MBA dimension {v.rsplit('_', 1)[1]}" for v in dimensions}
+        views["table_5"] = markdown_table(_in_order(report, ["base", *dimensions]), edges, labels=labels)
+    removed = [v for v in FIG_4 if v in present]
+    if "saviorrec" in present and removed:
+        drops = _in_order(report, ["saviorrec", *removed])
+        views["fig_4"] = markdown_table(drops, edges, baseline="saviorrec", labels=FIG_4)
+        views["fig_4_chart"] = bar_chart_png(_in_order(report, removed), "delta_vs_saviorrec", "AUC difference to saviorrec (points)", FIG_4)
+    return views
+
+
+def _in_order(report: pl.DataFrame, variants: list[str]) -> pl.DataFrame:
+    order = {v: i for i, v in enumerate(variants)}
+    return (report.filter(pl.col("variant").is_in(variants)).with_columns(pl.col("variant").replace_strict(order, return_dtype=pl.Int32).alias("_order"))
+            .sort("_order", maintain_order=True).drop("_order"))

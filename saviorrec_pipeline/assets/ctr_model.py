@@ -12,6 +12,7 @@ from pydantic import Field
 from saviorrec_pipeline import presets
 from saviorrec_pipeline.assets.common import PAPER_GROUP, RANKING_GROUP, StageCheckpoints, epoch_reporter, training_asset
 from saviorrec_pipeline.assets.semantic_ids import load_rqvae
+from saviorrec_pipeline.charts import figure, markdown_image
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.ctr_model import VARIANTS, CTRConfig, CTRModel
 from saviorrec_pipeline.checkpoints import Checkpoint
@@ -35,7 +36,7 @@ class CTRModelConfig(dg.Config):
     preset's. `main`: paper 4.1.4 (Adagrad, batch 1024, 8 attention heads) except the rate, 0.03
     with the weights averaged; epochs by early stopping."""
 
-    preset: Literal[presets.names("ctr")] = Field(default="main", description="main: base + saviorrec; ablation: all five (Table 3, the ctr_ablations asset)")
+    preset: Literal[presets.names("ctr")] = Field(default="main", description="main: base + saviorrec; ablation: Table 3's five and Fig. 4's two (the ctr_ablations asset)")
     variants: list[str] | None = Field(default=None, description=f"overrides the preset's; any of {list(VARIANTS)}")
     epochs: int | None = Field(default=None, ge=1, description="passes over the training window; unset: chosen by early stopping on its latest rows")
     max_epochs: int | None = Field(default=None, ge=1, description="early stopping's budget of epochs (10)")
@@ -63,20 +64,52 @@ class CTRModelConfig(dg.Config):
     )
     seed: int | None = None
 
-    def setup(self) -> tuple[list[str], dict, CTRTrainConfig]:
+    def setup(self, code_dim: int) -> tuple[list["VariantRun"], CTRTrainConfig]:
+        """The models to train (`code_dim`, the RQ codebooks' d, sizes what is relative to it) and how."""
         variants, architecture, training = presets.ctr(self.preset)
         variants = self.variants if self.variants is not None else variants
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown or not variants:
             raise ValueError(f"ctr_model config: unknown variant(s) {unknown or variants}; choose from {list(VARIANTS)}")
         architecture |= {key: getattr(self, key) for key in ARCHITECTURE_FIELDS if getattr(self, key) is not None}
-        return variants, architecture, presets.overridden(training, **{f.name: getattr(self, f.name, None) for f in dataclasses.fields(CTRTrainConfig)})
+        training = presets.overridden(training, **{f.name: getattr(self, f.name, None) for f in dataclasses.fields(CTRTrainConfig)})
+        return self.runs(variants, architecture, code_dim), training
+
+    def runs(self, variants: list[str], architecture: dict, code_dim: int) -> list["VariantRun"]:
+        return [VariantRun(variant, variant, architecture) for variant in variants]
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantRun:
+    """One model a stage trains: `label` names it in the predictions and MLflow, `variant` is its
+    kind (a key of VARIANTS), `architecture` the CTRConfig fields the data does not fix."""
+
+    label: str
+    variant: str
+    architecture: dict
 
 
 class CTRAblationsConfig(CTRModelConfig):
-    """ctr_model's settings, with the preset of Table 3's ablations."""
+    """ctr_model's settings, with the preset of Table 3's ablations and Fig. 4's feature removals."""
 
-    preset: Literal[presets.names("ctr")] = Field(default="ablation", description="ablation: all five variants (Table 3)")
+    preset: Literal[presets.names("ctr")] = Field(default="ablation", description="ablation: Table 3's five variants and Fig. 4's two")
+
+
+class MbaDimensionsConfig(CTRModelConfig):
+    """saviorrec with a narrower MBA codebook (Table 5): one model per divisor of the RQ d."""
+
+    preset: Literal[presets.names("ctr")] = Field(default="main", description="the architecture and training of every model")
+    divisors: list[int] = Field(default=[1, 2, 4, 8], description="MBA dimension = d / divisor (paper Table 5: 64, 32, 16, 8)")
+
+    def runs(self, variants: list[str], architecture: dict, code_dim: int) -> list[VariantRun]:
+        uneven = [d for d in self.divisors if d < 1 or code_dim % d]
+        if uneven or not self.divisors:
+            raise ValueError(f"mba_dimensions config: divisors {uneven or self.divisors} do not divide the RQ code dimension {code_dim}")
+        return [VariantRun(mba_dimension_label(code_dim // d), CHAMPION_VARIANT, {**architecture, "mba_dim": code_dim // d}) for d in self.divisors]
+
+
+def mba_dimension_label(dim: int) -> str:
+    return f"saviorrec_mba_dim_{dim}"
 
 
 @training_asset(
@@ -110,11 +143,24 @@ def ctr_ablations(
     return dg.Output(stage.predictions, metadata=stage.metadata)
 
 
+@training_asset(
+    PAPER_GROUP, ["ranking_dataset", "item_embeddings", "semantic_ids"],
+    "Paper Table 5: evaluation-window predictions of saviorrec with its MBA codebook at d, d/2, d/4, d/8 of the RQ d "
+    "(`variant` saviorrec_mba_dim_<dim>), trained as ctr_model trains; none registered.",
+)
+def mba_dimensions(
+    context: dg.AssetExecutionContext, config: MbaDimensionsConfig, ranking_dataset: pl.DataFrame,
+    item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking,
+) -> dg.Output[pl.DataFrame]:
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking, register=False)
+    return dg.Output(stage.predictions, metadata=stage.metadata)
+
+
 @dataclasses.dataclass
 class TrainedVariants:
     predictions: pl.DataFrame  # every variant's, on the evaluation window
     metadata: dict  # the stage's Dagster metadata
-    variants: list[str]
+    variants: list[str]  # the runs' labels
     eval_rows: int
 
 
@@ -125,13 +171,14 @@ def train_variants(
     """Every variant of `config` trained on the day's rows, each in an MLflow run nested under the
     stage's. With `register`, saviorrec is registered as the served model, and the variants go on
     from the champion's training states (`warm_start`); unregistered ablations start from scratch."""
-    variants, architecture, settings = config.setup()
     rqvae_uri = semantic_ids["model_uri"][0]
     rqvae, rqvae_saved = load_rqvae(rqvae_uri, tracking)
+    runs, settings = config.setup(code_dim=rqvae.codebooks.shape[-1])
+    variants = [run.label for run in runs]
     partition = context.partition_key
     start = warm_start(tracking, variants, partition, window, rqvae_saved.get("encoder_uri"), from_scratch=config.from_scratch or not register)
-    context.log.info(f"ctr_model for {partition}: {start.reason}")
-    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(), architecture["user_buckets"],
+    context.log.info(f"{context.asset_key.to_user_string()} for {partition}: {start.reason}")
+    inputs = ctr_inputs(ranking_dataset, item_embeddings, semantic_ids, rqvae.codebooks.detach().clone(), runs[0].architecture["user_buckets"],
                         config.use_base_pctr, f"ranking_dataset {partition}", vocabularies=start.vocabularies, train_after=start.train_after)
     settings = dataclasses.replace(settings, sequence_length=inputs.sequence_length)
     trained_days = sorted({str(day) for day in inputs.train_days})
@@ -143,8 +190,8 @@ def train_variants(
         parent.log_params({"variants": ",".join(variants), "train_rows": len(inputs.train), "eval_rows": len(inputs.evaluation),
                            "warm_start_from": start.source, "trained_days": ",".join(trained_days), **dataclasses.asdict(settings)})
         summary = [
-            _train_and_register(context, tracking, parent, inputs, variant, architecture, settings, checkpoints, register, start.models.get(variant), lineage)
-            for variant in variants
+            _train_and_register(context, tracking, parent, inputs, run, settings, checkpoints, register, start.models.get(run.label), lineage)
+            for run in runs
         ]
         parent.log_metrics({f"{row['variant']}_eval_auc": row["eval_auc"] for row in summary})
     uris = {row["variant"]: row["model_uri"] for row in summary}
@@ -158,6 +205,8 @@ def train_variants(
         "trained_day_list": ", ".join(trained_days) or "none",
         "mlflow_parent_run_id": parent.run_id, "results": dg.MetadataValue.md(_summary_markdown(summary)),
         **{f"{row['variant']}_{key}": row[key] for row in summary for key in ("epochs", "train_samples_per_s", "model_uri")},
+        **{f"{row['variant']}_level_norms": dg.MetadataValue.md(markdown_image(f"{row['variant']}: norms per residual level", row["level_chart"]))
+           for row in summary if row["level_chart"] is not None},
     }, variants, len(inputs.evaluation))
 
 
@@ -207,19 +256,21 @@ def warm_start(
 
 
 def _train_and_register(
-    context: dg.AssetExecutionContext, tracking: MlflowTracking, parent: TrackedRun, inputs: CTRInputs, variant: str,
-    architecture: dict, settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool, warm_from: Champion | None, lineage: dict,
+    context: dg.AssetExecutionContext, tracking: MlflowTracking, parent: TrackedRun, inputs: CTRInputs, variant_run: VariantRun,
+    settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool, warm_from: Champion | None, lineage: dict,
 ) -> dict:
-    """One variant in its own MLflow run, nested under the stage's: trained (from `warm_from`'s
+    """One model in its own MLflow run, nested under the stage's: trained (from `warm_from`'s
     state when given), logged with its final training state (registered when `register` and the
-    variant is saviorrec), its evaluation-window predictions and its summary row."""
+    run is saviorrec itself), its evaluation-window predictions and its summary row."""
+    variant = variant_run.label
     with tracking.start_run(context, f"{context.asset_key.to_user_string()}/{variant}", parent=parent) as run:
         with track_usage() as usage:
-            trained = train_variant(inputs, variant, architecture, settings, warm_from=warm_from, checkpoints=checkpoints,
+            trained = train_variant(inputs, variant_run.variant, variant_run.architecture, settings, warm_from=warm_from, checkpoints=checkpoints,
                                     on_epoch=epoch_reporter(context, run, f"{variant} "))
         final = {"eval_auc": trained.training.history[-1].get("eval_auc", float("nan")), "eval_logloss": trained.training.history[-1]["eval_logloss"]}
-        run.log_params({"variant": variant, **trained.model.config.to_dict(), **dataclasses.asdict(settings), "epochs_chosen": trained.training.epochs})
+        run.log_params({**trained.model.config.to_dict(), "label": variant, **dataclasses.asdict(settings), "epochs_chosen": trained.training.epochs})
         run.log_metrics(final | {"train_samples_per_s": trained.training.samples_per_s, "peak_rss_mib": usage.peak_rss_bytes / 2**20})
+        level_chart = _log_level_norms(run, trained.model) if trained.model.variant.mba else None
         saved = {"architecture": trained.model.config.to_dict(), "vocabularies": inputs.vocabularies, "sequence_length": inputs.sequence_length,
                  "schedule": {"steps_done": trained.training.steps_done, "total_steps": trained.training.total_steps}, **lineage}
         files = {TRAINING_STATE: trained.training.final_state.to_bytes()}
@@ -235,8 +286,26 @@ def _train_and_register(
     return final | {
         "variant": variant, "training": trained.training, "epochs": trained.training.epochs, "train_samples_per_s": round(trained.training.samples_per_s),
         "peak_rss_mib": usage.peak_rss_bytes / 2**20, "resumed_from": checkpoints.latest, "run_id": run.run_id, "model_uri": model_uri,
-        "predictions": predictions,
+        "predictions": predictions, "level_chart": level_chart,
     }
+
+
+def _log_level_norms(run: TrackedRun, model: CTRModel) -> bytes:
+    """Fig. 3 of a model with MBA: per level, its codebook rows' and fusion weights' norms, as
+    MLflow metrics and a chart (logged, and returned for the asset's metadata)."""
+    rows, weights = (values.tolist() for values in model.mba.level_norms())
+    run.log_metrics({f"fig3_{name}_level_{l + 1}": value for name, curve in (("codebook_norm", rows), ("fusion_weight_norm", weights))
+                     for l, value in enumerate(curve)})
+    levels = range(1, len(rows) + 1)
+    with figure(4.5, 3) as (axis, out):
+        axis.plot(levels, rows, marker="o", label="MBA codebook rows")
+        axis.plot(levels, weights, marker="s", label="fusion MLP input weights")
+        axis.set_xticks(list(levels))
+        axis.set_xlabel("residual level")
+        axis.set_ylabel("mean L2 norm / largest level's")
+        axis.legend(fontsize="small")
+    run.log_files({"level_norms.png": out["png"]}, "fig3")
+    return out["png"]
 
 
 def _summary_markdown(summary: list[dict]) -> str:

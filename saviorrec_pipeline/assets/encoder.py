@@ -1,4 +1,5 @@
-"""SaviorEnc stage 1 as assets: train the encoder, embed the catalog, report i2i retrieval (Table 4)."""
+"""SaviorEnc stage 1 as assets: train the encoder, embed the catalog, report i2i retrieval (Table 4)
+and draw the embedding spaces (Fig. 5)."""
 
 import dataclasses
 import json
@@ -12,10 +13,14 @@ from saviorrec_pipeline import presets
 from saviorrec_pipeline.assets.common import (
     PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, epoch_reporter, refresh_due, refresh_start, step_reporter, training_asset,
 )
+from saviorrec_pipeline.charts import figure, markdown_image
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.device import device_for_training
+from saviorrec_pipeline.method.embedding_map import EmbeddingMap, embedding_map as map_embeddings
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, with_text_tower
-from saviorrec_pipeline.method.encoder_training import TrainConfig, embedding_table, train_item_encoder
+from saviorrec_pipeline.method.encoder_training import (
+    TrainConfig, embedding_table, initial_encoder, initial_weights_note, train_item_encoder,
+)
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, table_4
 from saviorrec_pipeline.method.training import check_same_shapes
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
@@ -181,12 +186,15 @@ def i2i_retrieval(
     model_uri = item_encoder["model_uri"][0]
     queries = consecutive_click_pairs(raw.read_clicks(window.evaluation_days(context.partition_key)))
     training, initial_weights = saved_training(model_uri, tracking)
+    registered = load_encoder(model_uri, tracking)
+    untuned_start = initial_weights_note(registered.config, training.seed, initial_weights)
     with tracking.start_run(context, "i2i_retrieval") as run:
-        run.log_params({"k": config.k, "encoder": model_uri, "queries": queries.height})
-        report = table_4(read_catalog(raw), coclick_pairs, queries, load_encoder(model_uri, tracking), training, initial_weights, config.k, context.log.info)
+        run.log_params({"k": config.k, "encoder": model_uri, "queries": queries.height, "untuned_start": untuned_start})
+        report = table_4(read_catalog(raw), coclick_pairs, queries, registered, training, initial_weights, config.k, context.log.info)
         run.log_params({f"{r['variant']}.domain_adaptation": r["note"].replace("n/a:", "skipped:") for r in report.iter_rows(named=True) if r["note"]})
         run.log_metrics({f"hit_at_{config.k}.{r['variant']}": r["hit_rate"] for r in report.iter_rows(named=True) if r["hit_rate"] is not None})
-    return dg.Output(report, metadata={"table_4": dg.MetadataValue.md(table_4_markdown(report)), "queries": queries.height, "mlflow_run_id": run.run_id})
+    return dg.Output(report, metadata={"table_4": dg.MetadataValue.md(table_4_markdown(report)), "untuned_start": untuned_start,
+                                       "queries": queries.height, "mlflow_run_id": run.run_id})
 
 
 def table_4_markdown(report: pl.DataFrame) -> str:
@@ -199,3 +207,64 @@ def table_4_markdown(report: pl.DataFrame) -> str:
             rate = "n/a" if row["hit_rate"] is None else f"{100 * row['hit_rate']:.2f}%"
             rows.append((row["variant"], rate, f"{row['hits']} / {row['queries']}"))
     return table(["variant", f"Hit@{report['k'][0]}", "hits / queries"], rows)
+
+
+class EmbeddingMapConfig(dg.Config):
+    max_items: int = Field(default=3000, ge=3, description="items drawn (a seeded sample when the catalog is larger; the same in both spaces)")
+    neighbours: int = Field(default=10, ge=1, description="k of the neighbour agreement: the share of an item's k nearest items in its group")
+    seed: int = 0
+
+
+@dg.asset(
+    group_name=PAPER_GROUP,
+    partitions_def=daily_partitions,
+    io_manager_key="parquet_io_manager",
+    ins={"item_encoder": dg.AssetIn(), "item_embeddings": dg.AssetIn()},
+    deps=["item_catalog"],
+    description="Paper Fig. 5: t-SNE maps of the item embeddings of the untuned encoder (its initial weights: a pretrained tower or "
+    "checkpoint where configured) and of the day's aligned encoder, coloured by the demo's planted topic group when the raw data has one.",
+)
+def embedding_map(
+    context: dg.AssetExecutionContext, config: EmbeddingMapConfig, item_encoder: pl.DataFrame, item_embeddings: pl.DataFrame,
+    raw: RawStore, tracking: MlflowTracking,
+) -> dg.Output[pl.DataFrame]:
+    model_uri = item_encoder["model_uri"][0]
+    training, initial_weights = saved_training(model_uri, tracking)
+    architecture = EncoderConfig.from_dict(tracking.load_model_config(model_uri, CONFIG)["architecture"])
+    untuned_start = initial_weights_note(architecture, training.seed, initial_weights)
+    with track_usage() as usage:
+        untuned, _ = embedding_table(initial_encoder(architecture, training.seed, initial_weights), read_catalog(raw))
+        aligned = untuned.select("item_id").join(item_embeddings, on="item_id", how="left", maintain_order="left")
+        if aligned["embedding"].null_count():
+            raise ValueError(f"item_embeddings {context.partition_key}: {aligned['embedding'].null_count()} catalog item(s) have no embedding; "
+                             "materialize item_embeddings again for this partition")
+        groups = raw.read_item_groups()
+        spaces = {"untuned": untuned["embedding"].to_numpy(), "aligned": aligned["embedding"].to_numpy()}
+        result = map_embeddings(untuned["item_id"].to_numpy(), spaces, groups, config.max_items, config.seed, config.neighbours)
+    chart = embedding_map_png(result, untuned_start, model_uri)
+    agreement = {f"neighbour_group_agreement_{space}": round(value, 4) for space, value in result.neighbour_agreement.items()}
+    with tracking.start_run(context, "embedding_map") as run:
+        run.log_params({"encoder": model_uri, "untuned_start": untuned_start, "max_items": config.max_items, "neighbours": config.neighbours})
+        run.log_metrics(agreement)
+        run.log_files({"embedding_map.png": chart}, "fig5")
+    items = result.points.filter(pl.col("space") == "aligned").height
+    return dg.Output(result.points, metadata={
+        "fig_5": dg.MetadataValue.md(markdown_image("item embeddings, untuned and aligned (t-SNE)", chart)),
+        "encoder": model_uri, "untuned_start": untuned_start, "items_drawn": items,
+        "coloured_by": "the demo's planted topic group (ground_truth/items.parquet)" if groups is not None else "nothing: the raw data has no ground_truth/",
+        **agreement, "mlflow_run_id": run.run_id, **usage.metadata(2 * items, unit="items"),
+    })
+
+
+def embedding_map_png(result: EmbeddingMap, untuned_start: str, model_uri: str) -> bytes:
+    with figure(11, 5, panels=2) as (axes, out):
+        for axis, space in zip(axes, ("untuned", "aligned")):
+            points = result.points.filter(pl.col("space") == space)
+            colours = points["group"].fill_null(-1).to_numpy() if points["group"].null_count() < points.height else None
+            axis.scatter(points["x"].to_numpy(), points["y"].to_numpy(), c=colours, cmap="tab10" if colours is not None else None, s=4)
+            agreement = result.neighbour_agreement.get(space)
+            title = f"{space}: {untuned_start.split(' (')[0]}" if space == "untuned" else f"aligned: {model_uri}"
+            axis.set_title(title + (f"\nneighbours in the item's group: {agreement:.1%}" if agreement is not None else ""), fontsize="small")
+            axis.set_xticks([])
+            axis.set_yticks([])
+    return out["png"]

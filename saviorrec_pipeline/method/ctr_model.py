@@ -8,7 +8,9 @@
 
 Variants (Tables 2-3): `base` has only the behaviour block b; `saviorrec` all four blocks with MBA;
 `no_mba` feeds the frozen z; `no_mm_embedding` starts the MBA codebook from the RQ codebooks and
-drops the skip connection to z; `no_bidir` keeps b and m only. Item-side inputs (z, codes) live in
+drops the skip connection to z; `no_bidir` keeps b and m only. Fig. 4 removes one kind of feature
+from saviorrec: `no_item_id` (h = S), `no_statistics` (h = ID); without the multimodal features
+and their modules saviorrec is `base`. Item-side inputs (z, codes) live in
 the model as buffers indexed by a dense item number, so a saved model scores from item ids alone.
 """
 
@@ -30,6 +32,8 @@ class Variant:
     multimodal: bool = True  # z_cand and the m-side blocks' inputs exist
     mba: bool = True  # z passes through MBA
     mba_from_rq: bool = False  # MBA codebook starts from the RQ codebooks, no skip to z
+    item_id: bool = True  # h holds the item ID embedding
+    statistics: bool = True  # h holds the statistics S
 
 
 VARIANTS: dict[str, Variant] = {
@@ -38,6 +42,8 @@ VARIANTS: dict[str, Variant] = {
     "no_mba": Variant(blocks=BLOCKS, mba=False),
     "no_mm_embedding": Variant(blocks=BLOCKS, mba_from_rq=True),
     "no_bidir": Variant(blocks=("b", "m")),
+    "no_item_id": Variant(blocks=BLOCKS, item_id=False),
+    "no_statistics": Variant(blocks=BLOCKS, statistics=False),
 }
 
 
@@ -102,19 +108,23 @@ class CTRModel(nn.Module):
         self.register_buffer("stats_std", torch.ones(config.stats_dim))
         # Sparse gradients: Adagrad then updates only the rows a batch touched, not every row of
         # a table that (with hashed users) is mostly rows the batch never saw.
-        self.item_id_embedding = nn.Embedding(pad + 1, config.id_dim, padding_idx=pad, sparse=True)
+        if self.variant.item_id:
+            self.item_id_embedding = nn.Embedding(pad + 1, config.id_dim, padding_idx=pad, sparse=True)
         self.user_embedding = nn.Embedding(config.user_buckets, config.user_dim, sparse=True)
         self.profile_embeddings = nn.ModuleList(nn.Embedding(size, config.profile_dim, sparse=True) for size in config.profile_vocab_sizes)
-        for table in [self.item_id_embedding, self.user_embedding, *self.profile_embeddings]:
+        item_tables = [self.item_id_embedding] if self.variant.item_id else []
+        for table in [*item_tables, self.user_embedding, *self.profile_embeddings]:
             # Near zero, as DIN starts its tables: Adagrad moves each coordinate by about lr per
             # update whatever the gradient's scale, so a unit-variance start would stay noise for
             # hundreds of updates, and a rare id never gets them.
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
-        with torch.no_grad():
-            self.item_id_embedding.weight[pad].zero_()
+        for table in item_tables:
+            with torch.no_grad():
+                table.weight[pad].zero_()
         if self.variant.mba:
             self.mba = MBA(config.num_levels, config.codebook_size, config.mba_dim, config.embedding_dim, skip=not self.variant.mba_from_rq)
-        h_dim, z_dim = config.id_dim + config.stats_dim, config.embedding_dim
+        h_dim = config.id_dim * self.variant.item_id + config.stats_dim * self.variant.statistics
+        z_dim = config.embedding_dim
         self.attention = BiDirectionalTargetAttention(self.variant.blocks, h_dim, z_dim, config.attention_dim, config.heads)
         other = config.user_dim + config.profile_dim * len(config.profile_vocab_sizes) + h_dim + int(config.use_base_pctr)
         other += z_dim if self.variant.multimodal else 0
@@ -150,8 +160,7 @@ class CTRModel(nn.Module):
         """Logits (B,)."""
         stats = (batch.stats - self.stats_mean) / self.stats_std  # (B, 3)
         seq_stats = (batch.seq_stats - self.stats_mean) / self.stats_std * batch.seq_mask[..., None]  # (B, N, 3), padding 0
-        h_cand = torch.cat([self.item_id_embedding(batch.item), stats], dim=-1)
-        h_seq = torch.cat([self.item_id_embedding(batch.seq_items), seq_stats], dim=-1)
+        h_cand, h_seq = self._behaviour(batch.item, stats), self._behaviour(batch.seq_items, seq_stats)  # (B, h_dim), (B, N, h_dim)
         z_cand = z_seq = None
         if self.variant.multimodal:
             z_cand, z_seq = self._multimodal(batch.item, batch.seq_items)  # (B, D), (B, N, D)
@@ -163,6 +172,11 @@ class CTRModel(nn.Module):
         if self.config.use_base_pctr:
             other.append(batch.base_pctr)
         return self.dnn(torch.cat([interest, *other], dim=-1)).squeeze(-1)
+
+    def _behaviour(self, items: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        """h = Concat(ID, S), or the one of them the variant keeps."""
+        parts = ([self.item_id_embedding(items)] if self.variant.item_id else []) + ([stats] if self.variant.statistics else [])
+        return torch.cat(parts, dim=-1)
 
     def _multimodal(self, item: torch.Tensor, seq_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Each distinct item once: a batch's sequences repeat items many times over. Read back with
@@ -197,6 +211,17 @@ class MBA(nn.Module):
         v = v / torch.sqrt((v * v).sum(-1, keepdim=True) + 1.0)
         v_align = self.fuse(v)  # eq. 8
         return z + v_align if self.skip else v_align  # eq. 9
+
+    @torch.no_grad()
+    def level_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fig. 3's two curves, each (L,) and divided by its largest level: the mean L2 norm of the
+        codebook rows of level l, and the L2 norm of the block of the fusion MLP's input weights
+        that reads v_l (how much the ranker draws on that level)."""
+        levels = self.codebook.shape[0]
+        rows = self.codebook.norm(dim=-1).mean(dim=1)
+        first = self.fuse[0].weight  # (out_dim, L * dim): v = Concat(v_1..v_L)
+        weights = first.view(first.shape[0], levels, -1).permute(1, 0, 2).flatten(1).norm(dim=1)
+        return rows / rows.max().clamp_min(1e-12), weights / weights.max().clamp_min(1e-12)
 
 
 class TargetAttention(nn.Module):

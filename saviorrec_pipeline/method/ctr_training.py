@@ -531,8 +531,8 @@ def carry_training_state(champion: Champion, today: CTRModel) -> Checkpoint:
     (saviorrec) and from 59.31 to 63.30 (base)."""
     fresh = today.state_dict()
     names = {f"model.{part}{name}": value for part in ("model.", "average.module.") for name, value in fresh.items()}
-    item_rows = [name for name, _ in today.named_parameters()].index(ITEM_ROWS)
-    accumulator = f"optimizer.{item_rows}.sum"
-    carried = carried_state_dict(champion.state.tensors, names, {accumulator: torch.zeros_like(fresh[ITEM_ROWS])})
+    parameters = [name for name, _ in today.named_parameters()]
+    accumulators = {f"optimizer.{parameters.index(ITEM_ROWS)}.sum": torch.zeros_like(fresh[ITEM_ROWS])} if ITEM_ROWS in parameters else {}
+    carried = carried_state_dict(champion.state.tensors, names, accumulators)
     carried[AVERAGE_UPDATES] = torch.zeros_like(carried[AVERAGE_UPDATES])
     return dataclasses.replace(champion.state, tensors=carried)

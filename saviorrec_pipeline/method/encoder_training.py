@@ -230,6 +230,25 @@ def build_model(config: EncoderConfig, seed: int) -> SaviorEnc:
     return SaviorEnc(config)
 
 
+def initial_encoder(config: EncoderConfig, seed: int, initial_weights: str | None) -> SaviorEnc:
+    """The encoder before any training (the untuned baseline): `initial_weights` (a safetensors
+    file) when given, else the seed's initialisation, with the pretrained text tower the
+    architecture reads from a local folder if it names one."""
+    model = build_model(config, seed)
+    if initial_weights:
+        model.load_state_dict(load_file(initial_weights))
+    return model
+
+
+def initial_weights_note(config: EncoderConfig, seed: int, initial_weights: str | None) -> str:
+    """Where `initial_encoder` starts, in words."""
+    if initial_weights:
+        return f"checkpoint {initial_weights}"
+    if config.text.get("hf_model_pretrained"):
+        return f"pretrained text tower {config.text['hf_model_name']}; vision tower and fusion initialised from seed {seed}"
+    return f"random initialisation from seed {seed} (no pretrained tower or checkpoint configured)"
+
+
 @dataclass
 class TrainedEncoder:
     model: SaviorEnc
@@ -274,9 +293,9 @@ def train_item_encoder(
     store = checkpoints(fingerprint(
         architecture.to_dict(), training, initial_weights, pairs, tensors.item_ids, tensors.images, tensors.tokens, *(continue_from or {}).values()
     ))
-    model = build_model(architecture, training.seed)
-    if continue_from is not None or initial_weights:
-        model.load_state_dict(continue_from if continue_from is not None else load_file(initial_weights))
+    model = initial_encoder(architecture, training.seed, initial_weights if continue_from is None else None)
+    if continue_from is not None:
+        model.load_state_dict(continue_from)
     device = device_for_training()
     if training.domain_adaptation_epochs:
         train_domain_adaptation(model, tensors, training, device, on_step, on_epoch, store)

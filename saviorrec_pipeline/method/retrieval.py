@@ -16,7 +16,9 @@ import polars as pl
 
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import SaviorEnc
-from saviorrec_pipeline.method.encoder_training import TrainConfig, applicable_training, catalog_tensors, embed_catalog, train_item_encoder
+from saviorrec_pipeline.method.encoder_training import (
+    TrainConfig, applicable_training, catalog_tensors, embed_catalog, initial_encoder, train_item_encoder,
+)
 from saviorrec_pipeline.method.item_rows import with_item_rows
 
 
@@ -84,8 +86,9 @@ def table_4(
 ) -> pl.DataFrame:
     """Hit@K of every encoder training variant of Table 4, from the same start and seed as the
     `registered` encoder (trained with `base_training`): a variant whose training is that one is the
-    registered model, the others are trained here. A variant that needs domain adaptation on a
-    catalog that cannot have it does not apply: its row says why instead of a rate."""
+    registered model, the others are trained here; `untuned` is that start itself (a pretrained
+    tower or checkpoint where one is configured, as the paper's official CLIP). A variant that needs
+    domain adaptation on a catalog that cannot have it does not apply: its row says why instead of a rate."""
     tensors = catalog_tensors(catalog, registered.config)
     rows = []
     for name, adapt, align in TABLE4_VARIANTS:
@@ -103,6 +106,8 @@ def table_4(
         if training == base_training:
             log(f"Table 4 variant {name}: the registered encoder")
             model = registered
+        elif not (adapt or align):
+            model = initial_encoder(registered.config, training.seed, initial_weights)
         else:
             log(f"Table 4 variant {name}: training {training.domain_adaptation_epochs} DA + {training.epochs} i2i epochs")
             model = train_item_encoder(catalog, coclick_pairs, registered.config, training, initial_weights=initial_weights).model

@@ -123,6 +123,20 @@ class RawStore(dg.ConfigurableResource):
         """User profiles are optional: no `users/` folder reads as an empty table."""
         return self._read_folder(USERS, f"{self.root.rstrip('/')}/users", required=False)
 
+    def read_item_groups(self) -> pl.DataFrame | None:
+        """`item_id`, `group`: the planted topic group of each item that generated demo data keeps
+        in `ground_truth/items.parquet` beside the contract folders; None where there is none (real
+        data has no ground truth). Only the paper's Fig. 5 reads it, to colour its plot."""
+        fs, path = filesystem(f"{self.root.rstrip('/')}/ground_truth/items.parquet")
+        if not fs.isfile(path):
+            return None
+        try:
+            with fs.open(path, "rb") as f:
+                frame = pl.read_parquet(f, columns=["item_id", "topic_group"])
+        except Exception as exc:  # a broken ground truth only leaves the plot uncoloured, but say why
+            raise ValueError(f"{fs.unstrip_protocol(path)}: unreadable ground truth, expected columns item_id, topic_group ({exc})") from exc
+        return frame.select(pl.col("item_id").cast(pl.Int64), pl.col("topic_group").cast(pl.Int32).alias("group"))
+
     def _read_folder(
         self, spec: TableSpec, folder: str, *, required: bool, day: dt.date | None = None
     ) -> RawRead:

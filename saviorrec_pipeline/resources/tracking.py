@@ -89,15 +89,20 @@ class TrackedRun:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
         return self.artifact_uri(artifact_path)
 
+    def log_files(self, files: dict[str, bytes], artifact_path: str, weights: dict | None = None) -> str:
+        """`files` (name: bytes) as artifacts under `artifact_path`, with `weights` (a state dict)
+        as safetensors beside them when given; their artifact URI."""
+        with tempfile.TemporaryDirectory() as folder:
+            if weights is not None:
+                save_file(weights, f"{folder}/{MODEL_WEIGHTS}")
+            for name, data in files.items():
+                Path(folder, name).write_bytes(data)
+            return self.log_artifacts(Path(folder), artifact_path)
+
     def log_model(self, state_dict: dict, config: dict, config_file: str, artifact_path: str = "model", files: dict[str, bytes] | None = None) -> str:
         """Weights as safetensors plus a JSON config under `artifact_path`, and any further `files`
         (name: bytes) beside them; its artifact URI."""
-        with tempfile.TemporaryDirectory() as folder:
-            save_file(state_dict, f"{folder}/{MODEL_WEIGHTS}")
-            Path(folder, config_file).write_text(json.dumps(config))
-            for name, data in (files or {}).items():
-                Path(folder, name).write_bytes(data)
-            return self.log_artifacts(Path(folder), artifact_path)
+        return self.log_files({config_file: json.dumps(config).encode(), **(files or {})}, artifact_path, weights=state_dict)
 
     def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
         """Register the run's `artifact_path` as a new version of model `name`; its version."""
