@@ -299,11 +299,11 @@ def test_mba_level_norms_read_each_levels_codebook_rows_and_its_block_of_fusion_
         mba.codebook[0] = torch.tensor([[3.0, 4.0], [0.0, 5.0], [5.0, 0.0]])  # norms 5
         mba.codebook[1] = 2 * mba.codebook[0]  # norms 10
         mba.fuse[0].weight.zero_()
-        mba.fuse[0].weight[:, :2] = 1.0  # the 4 x 2 block reading v_1: norm sqrt(8)
-        mba.fuse[0].weight[0, 2] = 0.5  # one weight reading v_2
+        mba.fuse[0].weight[:, :2] = 1.0  # v_1's two coordinates are read by weights of norm 2 each
+        mba.fuse[0].weight[0, 2] = 0.5  # v_2's: norms 0.5 and 0, mean 0.25
     rows, weights = mba.level_norms()
     torch.testing.assert_close(rows, torch.tensor([0.5, 1.0]))
-    torch.testing.assert_close(weights, torch.tensor([1.0, 0.5 / 8**0.5]))
+    torch.testing.assert_close(weights, torch.tensor([1.0, 0.125]))
 
 
 def test_no_statistics_ignores_the_statistics_and_saviorrec_does_not():

@@ -402,7 +402,7 @@ def test_whole_chain_materializes_and_its_models_reload_identically(demo_raw, tm
     assert saviorrec_total["delta_vs_saviorrec"] == 0 and saviorrec_total["auc"] == report.filter(
         (pl.col("variant") == "saviorrec") & (pl.col("bucket") == "total"))["auc"].item()
     views = result.asset_materializations_for_node("ablation_report")[0].metadata
-    assert "| no_bidir |" in views["table_3"].value and "| MBA dimension 1 |" in views["table_5"].value
+    assert "| no_bidir |" in views["table_3"].value and "| saviorrec, MBA dimension 1 |" in views["table_5"].value
     assert "| w/o statistics |" in views["fig_4"].value and "data:image/png;base64," in views["fig_4_chart"].value
 
 

@@ -58,7 +58,7 @@ def test_ablation_report_holds_each_variants_auc_and_its_differences_to_base_and
     assert "no_item_id" not in table_3
     # Table 5: widest codebook first, each with its difference to base.
     table_5 = views["table_5"]
-    assert table_5.index("MBA dimension 8") < table_5.index("MBA dimension 4")
+    assert table_5.index("| saviorrec, MBA dimension 8 ") < table_5.index("| saviorrec, MBA dimension 4 ")
     dim_8_total = 100 * (auc("saviorrec_mba_dim_8", "total") - auc("base", "total"))
     assert f"({dim_8_total:+.2f})" in table_5
     # Fig. 4: each removal's drop against saviorrec; without multimodal features it is base.
@@ -85,6 +85,10 @@ def test_table_5_trains_saviorrec_at_each_divisor_of_the_rq_dimension():
     ]
     with pytest.raises(ValueError, match="divisors \\[3\\] do not divide the RQ code dimension 32"):
         MbaDimensionsConfig(divisors=[2, 3]).setup(code_dim=32)
+    with pytest.raises(ValueError, match="no_mm_embedding.*no MBA codebook of their own size"):
+        MbaDimensionsConfig(variants=["saviorrec", "no_mm_embedding"]).setup(code_dim=32)
+    runs, _ = MbaDimensionsConfig(variants=["no_bidir"], divisors=[4]).setup(code_dim=32)
+    assert [(r.label, r.variant, r.architecture["mba_dim"]) for r in runs] == [("no_bidir_mba_dim_8", "no_bidir", 8)]
 
 
 def test_neighbour_agreement_equals_a_brute_force_count():

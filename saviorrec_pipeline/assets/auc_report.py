@@ -122,6 +122,7 @@ def bar_chart_png(report: pl.DataFrame, value: str = "auc", ylabel: str = "AUC (
 
 
 TABLE_3 = ("base", "no_mba", "no_mm_embedding", "no_bidir", "saviorrec")  # in the paper's order
+MBA_DIM = "_mba_dim_"  # mba_dimensions' labels: {variant}_mba_dim_{dimension}
 FIG_4 = {"no_item_id": "w/o item ID", "no_statistics": "w/o statistics", "base": "w/o multimodal (= base)"}
 
 
@@ -172,9 +173,10 @@ def ablation_views(report: pl.DataFrame, edges: tuple[float, ...]) -> dict[str, 
     table_3 = [v for v in TABLE_3 if v in present]
     if len(table_3) > 1:
         views["table_3"] = markdown_table(_in_order(report, table_3), edges)
-    dimensions = sorted((v for v in present if v.startswith("saviorrec_mba_dim_")), key=lambda v: -int(v.rsplit("_", 1)[1]))
+    sizes = {v: v.split(MBA_DIM) for v in present if MBA_DIM in v}  # label: (variant, dimension)
+    dimensions = sorted(sizes, key=lambda v: (sizes[v][0], -int(sizes[v][1])))
     if dimensions:
-        labels = {v: f"MBA dimension {v.rsplit('_', 1)[1]}" for v in dimensions}
+        labels = {v: f"{variant}, MBA dimension {dim}" for v, (variant, dim) in sizes.items()}
         views["table_5"] = markdown_table(_in_order(report, ["base", *dimensions]), edges, labels=labels)
     removed = [v for v in FIG_4 if v in present]
     if "saviorrec" in present and removed:

@@ -96,20 +96,24 @@ class CTRAblationsConfig(CTRModelConfig):
 
 
 class MbaDimensionsConfig(CTRModelConfig):
-    """saviorrec with a narrower MBA codebook (Table 5): one model per divisor of the RQ d."""
+    """Variants with MBA at narrower codebooks (Table 5: saviorrec): one model per variant and divisor of the RQ d."""
 
     preset: Literal[presets.names("ctr")] = Field(default="main", description="the architecture and training of every model")
+    variants: list[str] | None = Field(default=[CHAMPION_VARIANT], description="trained at each MBA dimension; variants whose MBA starts from zero")
     divisors: list[int] = Field(default=[1, 2, 4, 8], description="MBA dimension = d / divisor (paper Table 5: 64, 32, 16, 8)")
 
     def runs(self, variants: list[str], architecture: dict, code_dim: int) -> list[VariantRun]:
         uneven = [d for d in self.divisors if d < 1 or code_dim % d]
         if uneven or not self.divisors:
             raise ValueError(f"mba_dimensions config: divisors {uneven or self.divisors} do not divide the RQ code dimension {code_dim}")
-        return [VariantRun(mba_dimension_label(code_dim // d), CHAMPION_VARIANT, {**architecture, "mba_dim": code_dim // d}) for d in self.divisors]
+        fixed = [v for v in variants if not VARIANTS[v].mba or VARIANTS[v].mba_from_rq]
+        if fixed:
+            raise ValueError(f"mba_dimensions config: {fixed} have no MBA codebook of their own size (none, or the RQ codebooks')")
+        return [VariantRun(mba_dimension_label(v, code_dim // d), v, {**architecture, "mba_dim": code_dim // d}) for v in variants for d in self.divisors]
 
 
-def mba_dimension_label(dim: int) -> str:
-    return f"saviorrec_mba_dim_{dim}"
+def mba_dimension_label(variant: str, dim: int) -> str:
+    return f"{variant}_mba_dim_{dim}"
 
 
 @training_asset(

@@ -215,12 +215,12 @@ class MBA(nn.Module):
     @torch.no_grad()
     def level_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Fig. 3's two curves, each (L,) and divided by its largest level: the mean L2 norm of the
-        codebook rows of level l, and the L2 norm of the block of the fusion MLP's input weights
-        that reads v_l (how much the ranker draws on that level)."""
+        codebook rows of level l, and the mean L2 norm of the fusion MLP's input weights that read
+        one coordinate of v_l (how strongly the ranker draws on that level)."""
         levels = self.codebook.shape[0]
         rows = self.codebook.norm(dim=-1).mean(dim=1)
         first = self.fuse[0].weight  # (out_dim, L * dim): v = Concat(v_1..v_L)
-        weights = first.view(first.shape[0], levels, -1).permute(1, 0, 2).flatten(1).norm(dim=1)
+        weights = first.norm(dim=0).view(levels, -1).mean(dim=1)  # per input coordinate, then per level
         return rows / rows.max().clamp_min(1e-12), weights / weights.max().clamp_min(1e-12)
 
 
