@@ -196,7 +196,10 @@ class MBA(nn.Module):
 
     The codebook starts at zero and the MLP has no biases, so at initialisation z_align == z. The L2
     normalisation is softened near zero (v / sqrt(|v|^2 + 1)): a plain one has an unbounded gradient
-    at the zero codebook, which would freeze Adagrad's step sizes after the first update."""
+    at the zero codebook, which would freeze Adagrad's step sizes after the first update. Measured
+    against v / max(|v|, 1e-6) on the default demo (3 days x 2 seeds, 2 epochs, mean AUC %): saviorrec
+    77.22 vs 77.12 total and 69.55 vs 69.35 at PV < 100 (soft ahead in 5 of 6 pairs on each);
+    no_mm_embedding 76.49 vs 76.85 and 66.54 vs 66.65, its paired differences spread from -1.27 to +1.55."""
 
     def __init__(self, num_levels: int, codebook_size: int, dim: int, out_dim: int, skip: bool = True):
         super().__init__()
