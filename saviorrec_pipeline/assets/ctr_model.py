@@ -305,6 +305,7 @@ def _log_level_norms(run: TrackedRun, model: CTRModel) -> bytes:
         axis.plot(levels, rows, marker="o", label="MBA codebook rows")
         axis.plot(levels, weights, marker="s", label="fusion MLP input weights")
         axis.set_xticks(list(levels))
+        axis.set_ylim(0, 1.05)  # from zero, so the levels' ratios read as drawn
         axis.set_xlabel("residual level")
         axis.set_ylabel("mean L2 norm / largest level's")
         axis.legend(fontsize="small")
