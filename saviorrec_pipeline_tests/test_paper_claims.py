@@ -4,9 +4,10 @@ behavior-aligned encoder retrieves the next click more often than the untuned on
 
 Margins are about half the smallest gap measured over the three seeds (the chain is not bit-exact
 across runs), so a wrong wiring that removes an effect fails, and one seed's luck cannot pass.
-Measured (seeds 1 / 2 / 3): total AUC gain +4.18 / +0.99 / +1.52 points; gain on [0, 100) minus
-gain on [1000, inf) 4.86 / 4.94 / 5.17 points; Hit@100 aligned (both phases) minus untuned
-0.082 / 0.033 / 0.095, alignment alone 0.069 / 0.022 / 0.103 (318-370 queries)."""
+Measured in two runs (seeds 1 / 2 / 3): total AUC gain +4.18-4.32 / +0.95-0.99 / +1.52-1.53 points;
+gain on [0, 100) minus gain on [1000, inf) 4.75-4.86 / 4.89-4.94 / 5.17-5.48 points; Hit@100
+aligned (both phases) minus untuned 0.082 / 0.033 / 0.095, alignment alone 0.069 / 0.022 / 0.103
+(318-370 queries)."""
 
 import datetime as dt
 from pathlib import Path
