@@ -11,7 +11,7 @@ from pydantic import Field
 from saviorrec_pipeline.assets.common import PAPER_GROUP, RANKING_GROUP
 from saviorrec_pipeline.charts import figure, markdown_image
 from saviorrec_pipeline.markdown import table
-from saviorrec_pipeline.method.metrics import PAPER_PV_EDGES, auc_report as build_report, format_edges
+from saviorrec_pipeline.method.metrics import PAPER_PV_EDGES, auc_report as build_report, difference_to, format_edges
 from saviorrec_pipeline.partitions import daily_partitions
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
 
@@ -79,7 +79,7 @@ def markdown_table(report: pl.DataFrame, edges: tuple[float, ...], baseline: str
     """Variants as rows (named by `labels` where given), buckets as columns (AUC in %, with the
     delta to `baseline`), then the bucket sizes (Table 1)."""
     buckets = report["bucket"].unique(maintain_order=True).to_list()
-    delta = "delta_vs_base" if baseline == "base" else f"delta_vs_{baseline}"
+    delta = f"delta_vs_{baseline}"
     by_variant = []
     for variant in report["variant"].unique(maintain_order=True):
         rows = {r["bucket"]: r for r in report.filter(pl.col("variant") == variant).iter_rows(named=True)}
@@ -139,16 +139,15 @@ def ablation_report(
 ) -> dg.Output[pl.DataFrame]:
     edges = tuple(config.pv_edges)
     report = paper_ablation_report(ctr_ablations, mba_dimensions, edges)
-    views = ablation_views(report, edges)
+    tables, charts = ablation_views(report, edges)
     with tracking.start_run(context, "ablation_report") as run:
         run.log_params({"pv_edges": format_edges(edges)})
         totals = report.filter(pl.col("bucket") == "total")
         run.log_metrics({f"{v}_auc": a for v, a in totals.select("variant", "auc").iter_rows() if a is not None})
-        log_report(run, report, {f"{name}.png" if isinstance(view, bytes) else f"{name}.md": view if isinstance(view, bytes) else view.encode()
-                                 for name, view in views.items()})
+        log_report(run, report, {**{f"{name}.md": text.encode() for name, text in tables.items()}, **{f"{name}.png": png for name, png in charts.items()}})
     return dg.Output(report, metadata={
-        "pv_edges": format_edges(edges), "mlflow_run_id": run.run_id,
-        **{name: dg.MetadataValue.md(markdown_image(name, view) if isinstance(view, bytes) else view) for name, view in views.items()},
+        "pv_edges": format_edges(edges), "mlflow_run_id": run.run_id, **{name: dg.MetadataValue.md(text) for name, text in tables.items()},
+        **{name: dg.MetadataValue.md(markdown_image(name, png)) for name, png in charts.items()},
     })
 
 
@@ -158,18 +157,16 @@ def paper_ablation_report(ablations: pl.DataFrame, dimensions: pl.DataFrame, edg
     predictions = pl.concat([ablations, dimensions], how="diagonal_relaxed").select("variant", "item_id", "pv", "label", "pctr")
     if "base" not in predictions["variant"]:
         raise ValueError("ablation_report: ctr_ablations has no base variant to compare with (add it to ctr_ablations' variants)")
-    report = build_report(predictions, edges)
-    if "saviorrec" not in predictions["variant"]:
-        return report.with_columns(pl.lit(None, pl.Float64).alias("delta_vs_saviorrec"))
-    versus = build_report(predictions, edges, baseline="saviorrec").select("variant", "bucket", pl.col("delta_vs_base").alias("delta_vs_saviorrec"))
-    return report.join(versus, on=["variant", "bucket"], how="left", maintain_order="left")
+    return difference_to(build_report(predictions, edges), "saviorrec", "delta_vs_saviorrec")
 
 
-def ablation_views(report: pl.DataFrame, edges: tuple[float, ...]) -> dict[str, str | bytes]:
-    """The report as the paper shows it: Table 3 and Table 5 (markdown, deltas to base), Fig. 4's
-    drops against saviorrec (markdown and a chart); each where its variants were trained."""
+def ablation_views(report: pl.DataFrame, edges: tuple[float, ...]) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The report as the paper shows it, (markdown tables, PNG charts) by name: Table 3 and Table 5
+    (deltas to base), Fig. 4's drops against saviorrec (a table and a chart); each where its
+    variants were trained."""
     present = report["variant"].unique(maintain_order=True).to_list()
-    views: dict[str, str | bytes] = {}
+    views: dict[str, str] = {}
+    charts: dict[str, bytes] = {}
     table_3 = [v for v in TABLE_3 if v in present]
     if len(table_3) > 1:
         views["table_3"] = markdown_table(_in_order(report, table_3), edges)
@@ -182,8 +179,8 @@ def ablation_views(report: pl.DataFrame, edges: tuple[float, ...]) -> dict[str, 
     if "saviorrec" in present and removed:
         drops = _in_order(report, ["saviorrec", *removed])
         views["fig_4"] = markdown_table(drops, edges, baseline="saviorrec", labels=FIG_4)
-        views["fig_4_chart"] = bar_chart_png(_in_order(report, removed), "delta_vs_saviorrec", "AUC difference to saviorrec (points)", FIG_4)
-    return views
+        charts["fig_4_chart"] = bar_chart_png(_in_order(report, removed), "delta_vs_saviorrec", "AUC difference to saviorrec (points)", FIG_4)
+    return views, charts
 
 
 def _in_order(report: pl.DataFrame, variants: list[str]) -> pl.DataFrame:

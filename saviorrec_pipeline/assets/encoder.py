@@ -16,7 +16,7 @@ from saviorrec_pipeline.assets.common import (
 from saviorrec_pipeline.charts import figure, markdown_image
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.device import device_for_training
-from saviorrec_pipeline.method.embedding_map import EmbeddingMap, embedding_map as map_embeddings
+from saviorrec_pipeline.method.embedding_map import EmbeddingMap, untuned_and_aligned_map
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc, with_text_tower
 from saviorrec_pipeline.method.encoder_training import (
     TrainConfig, embedding_table, initial_encoder, initial_weights_note, train_item_encoder,
@@ -135,11 +135,11 @@ def load_encoder(model_uri: str, tracking: MlflowTracking) -> SaviorEnc:
     return model.eval()
 
 
-def saved_training(model_uri: str, tracking: MlflowTracking) -> tuple[TrainConfig, str | None]:
-    """The training and initial weights (a safetensors path, or None for the seed's init) the
-    registered encoder was trained with (its config file only)."""
+def saved_training(model_uri: str, tracking: MlflowTracking) -> tuple[EncoderConfig, TrainConfig, str | None]:
+    """The architecture, training and initial weights (a safetensors path, or None for the seed's
+    init) of the registered encoder (its config file only)."""
     saved = tracking.load_model_config(model_uri, CONFIG)
-    return TrainConfig(**saved["training"]), saved.get("initial_weights")
+    return EncoderConfig.from_dict(saved["architecture"]), TrainConfig(**saved["training"]), saved.get("initial_weights")
 
 
 def encoder_lineage(model_uri: str, tracking: MlflowTracking) -> list[str]:
@@ -185,7 +185,7 @@ def i2i_retrieval(
 ) -> dg.Output[pl.DataFrame]:
     model_uri = item_encoder["model_uri"][0]
     queries = consecutive_click_pairs(raw.read_clicks(window.evaluation_days(context.partition_key)))
-    training, initial_weights = saved_training(model_uri, tracking)
+    _, training, initial_weights = saved_training(model_uri, tracking)
     registered = load_encoder(model_uri, tracking)
     untuned_start = initial_weights_note(registered.config, training.seed, initial_weights)
     with tracking.start_run(context, "i2i_retrieval") as run:
@@ -229,18 +229,12 @@ def embedding_map(
     raw: RawStore, tracking: MlflowTracking,
 ) -> dg.Output[pl.DataFrame]:
     model_uri = item_encoder["model_uri"][0]
-    training, initial_weights = saved_training(model_uri, tracking)
-    architecture = EncoderConfig.from_dict(tracking.load_model_config(model_uri, CONFIG)["architecture"])
+    architecture, training, initial_weights = saved_training(model_uri, tracking)
     untuned_start = initial_weights_note(architecture, training.seed, initial_weights)
+    groups = raw.read_item_groups()
     with track_usage() as usage:
-        untuned, _ = embedding_table(initial_encoder(architecture, training.seed, initial_weights), read_catalog(raw))
-        aligned = untuned.select("item_id").join(item_embeddings, on="item_id", how="left", maintain_order="left")
-        if aligned["embedding"].null_count():
-            raise ValueError(f"item_embeddings {context.partition_key}: {aligned['embedding'].null_count()} catalog item(s) have no embedding; "
-                             "materialize item_embeddings again for this partition")
-        groups = raw.read_item_groups()
-        spaces = {"untuned": untuned["embedding"].to_numpy(), "aligned": aligned["embedding"].to_numpy()}
-        result = map_embeddings(untuned["item_id"].to_numpy(), spaces, groups, config.max_items, config.seed, config.neighbours)
+        result = untuned_and_aligned_map(read_catalog(raw), item_embeddings, initial_encoder(architecture, training.seed, initial_weights), groups,
+                                         config.max_items, config.seed, config.neighbours, where=f"item_embeddings {context.partition_key}")
     chart = embedding_map_png(result, untuned_start, model_uri)
     agreement = {f"neighbour_group_agreement_{space}": round(value, 4) for space, value in result.neighbour_agreement.items()}
     with tracking.start_run(context, "embedding_map") as run:

@@ -10,6 +10,9 @@ import faiss
 import numpy as np
 import polars as pl
 
+from saviorrec_pipeline.method.encoder import SaviorEnc
+from saviorrec_pipeline.method.encoder_training import embedding_table
+
 
 @dataclass(frozen=True)
 class EmbeddingMap:
@@ -66,3 +69,17 @@ def embedding_map(
             known = group.is_not_null().to_numpy()
             agreement[space] = neighbour_agreement(vectors[rows][known], group.to_numpy()[known], k)
     return EmbeddingMap(pl.concat(frames), agreement)
+
+
+def untuned_and_aligned_map(
+    catalog: pl.DataFrame, item_embeddings: pl.DataFrame, untuned: SaviorEnc, groups: pl.DataFrame | None,
+    max_items: int = 3000, seed: int = 0, k: int = 10, where: str = "item_embeddings",
+) -> EmbeddingMap:
+    """Fig. 5: the catalog embedded by the `untuned` encoder beside its aligned `item_embeddings`
+    (item_id, embedding), mapped as `embedding_map` maps them."""
+    untuned_table, _ = embedding_table(untuned, catalog)
+    aligned = untuned_table.select("item_id").join(item_embeddings, on="item_id", how="left", maintain_order="left")
+    if aligned["embedding"].null_count():
+        raise ValueError(f"{where}: {aligned['embedding'].null_count()} catalog item(s) have no embedding; materialize item_embeddings again")
+    spaces = {"untuned": untuned_table["embedding"].to_numpy(), "aligned": aligned["embedding"].to_numpy()}
+    return embedding_map(untuned_table["item_id"].to_numpy(), spaces, groups, max_items, seed, k)

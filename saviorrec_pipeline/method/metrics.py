@@ -67,15 +67,21 @@ def auc_report(predictions: pl.DataFrame, edges: tuple[float, ...] = PAPER_PV_ED
     report = grid.join(report, on=["variant", "bucket"], how="left").with_columns(
         pl.col("samples", "clicks", "items").fill_null(0)
     )
-    base = report.filter(pl.col("variant") == baseline).select("bucket", pl.col("auc").alias("base_auc"))
-    report = report.join(base, on="bucket", how="left").with_columns((pl.col("auc") - pl.col("base_auc")).alias("delta_vs_base"))
     return (
-        report.drop("base_auc")
+        difference_to(report, baseline, "delta_vs_base")
         .with_columns(pl.col("bucket").replace_strict(order, return_dtype=pl.Int32).alias("_order"))
         .sort("variant", "_order")
         .drop("_order")
         .select("variant", "bucket", "auc", "samples", "clicks", "items", "delta_vs_base")
     )
+
+
+def difference_to(report: pl.DataFrame, variant: str, column: str) -> pl.DataFrame:
+    """`report` (variant, bucket, auc, ...) with `column`: each row's AUC minus `variant`'s in the
+    same bucket, null where either is undefined or `variant` is absent."""
+    reference = report.filter(pl.col("variant") == variant).select("bucket", pl.col("auc").alias("_reference"))
+    return (report.join(reference, on="bucket", how="left", maintain_order="left")
+            .with_columns((pl.col("auc") - pl.col("_reference")).alias(column)).drop("_reference"))
 
 
 def gate_decision(report: pl.DataFrame, tolerance: float) -> tuple[bool, str]:

@@ -85,10 +85,6 @@ class TrackedRun:
     def artifact_uri(self, artifact_path: str) -> str:
         return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
 
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> str:
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-        return self.artifact_uri(artifact_path)
-
     def log_files(self, files: dict[str, bytes], artifact_path: str, weights: dict | None = None) -> str:
         """`files` (name: bytes) as artifacts under `artifact_path`, with `weights` (a state dict)
         as safetensors beside them when given; their artifact URI."""
@@ -97,7 +93,8 @@ class TrackedRun:
                 save_file(weights, f"{folder}/{MODEL_WEIGHTS}")
             for name, data in files.items():
                 Path(folder, name).write_bytes(data)
-            return self.log_artifacts(Path(folder), artifact_path)
+            self.client.log_artifacts(self.run_id, folder, artifact_path)
+        return self.artifact_uri(artifact_path)
 
     def log_model(self, state_dict: dict, config: dict, config_file: str, artifact_path: str = "model", files: dict[str, bytes] | None = None) -> str:
         """Weights as safetensors plus a JSON config under `artifact_path`, and any further `files`
