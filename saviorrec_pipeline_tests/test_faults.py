@@ -36,6 +36,7 @@ from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetStorage, filesystem
 from saviorrec_pipeline.resources.tracking import EXPERIMENT, MlflowTracking
 from saviorrec_pipeline.sensors import raw_day_landed
+from saviorrec_pipeline.serving.pyfunc import rqvae_served
 from saviorrec_pipeline_tests.services import (
     S3Server, free_port, free_ports, isolated_environ, start_mlflow_server, start_seaweedfs, stop, wait_for_s3, wait_until,
 )
@@ -394,7 +395,7 @@ def registers_then_fails(context: dg.AssetExecutionContext, tracking: MlflowTrac
     """ctr_model's shape: a parent run, a child run that registers its model, then a later failure."""
     with tracking.start_run(context, "parent") as parent:
         with tracking.start_run(context, "child", parent=parent) as child:
-            child.log_model({"weight": torch.zeros(2)}, {"shape": [2]}, "config.json")
+            child.log_model(rqvae_served(pl.DataFrame({"embedding": [[0.0, 1.0]]})), {"weight": torch.zeros(2)}, {"shape": [2]}, "config.json")
             child.register(FAULT_MODEL, "model", tracking.origin_tags(context))
         raise RuntimeError("a later variant failed")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import _pickle
 import dagster as dg
+import mlflow
 import polars as pl
 import pytest
 import s3fs
@@ -44,6 +45,7 @@ from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage, safe_name
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
+from saviorrec_pipeline.serving.pyfunc import ServedModel, item_encoder_served, ranker_served, rqvae_served
 from saviorrec_pipeline_tests.deployment_files import REPO, compose_config, env_example
 from saviorrec_pipeline_tests.services import (
     isolated_environ, project_env, start_mlflow_server, start_seaweedfs, stop, wait_until,
@@ -237,31 +239,37 @@ def _unpickling_refused():
         yield calls
 
 
-def _log_model(tracking: MlflowTracking, name: str, state_dict: dict, config: dict, config_file: str) -> tuple[str, str]:
+def _log_model(tracking: MlflowTracking, name: str, served: ServedModel, state_dict: dict, config: dict, config_file: str) -> tuple[str, str]:
     client = tracking.client()
     run = TrackedRun(client, client.create_run(tracking._experiment_id(client), run_name=name).info.run_id)
-    artifact_uri = run.log_model(state_dict, config, config_file)
+    artifact_uri = run.log_model(served, state_dict, config, config_file)
     return artifact_uri, f"models:/{name}/{run.register(name, 'model', {})}"
 
 
 @pytest.mark.unit
 def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_path):
     """The encoder (in the item_embeddings asset and directly), the RQ-VAE and the CTR model, saved as
-    the stages save them, load and match their weights while every unpickling entry point raises."""
+    the stages save them, load and match their weights while every unpickling entry point raises,
+    through the pipeline's loaders and through MLflow's pyfunc loader alike."""
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_root=str(tmp_path / "artifacts"))
+    catalog = pl.read_parquet(demo_raw / "items" / "*.parquet")
     encoder = build_model(TINY, seed=0)
     encoder_config = {"architecture": TINY.to_dict(), "training": dataclasses.asdict(TINY_TRAINING)}
-    _, encoder_uri = _log_model(tracking, "saviorrec-item-encoder", encoder.state_dict(), encoder_config, ENCODER_CONFIG)
+    _, encoder_uri = _log_model(tracking, "saviorrec-item-encoder", item_encoder_served(catalog), encoder.state_dict(), encoder_config, ENCODER_CONFIG)
     rq_config = RQVAEConfig(input_dim=TINY.embedding_dim, latent_dim=8, num_levels=2, codebook_size=16, hidden_dims=(32,))
     rqvae = RQVAE(rq_config)
     rq_saved = {"architecture": rq_config.to_dict(), "inference_assignment": "argmin"}
-    _, rqvae_uri = _log_model(tracking, RQVAE_MODEL, rqvae.state_dict(), rq_saved, RQVAE_CONFIG)
+    embeddings = pl.DataFrame({"embedding": torch.randn(2, TINY.embedding_dim).tolist()})
+    _, rqvae_uri = _log_model(tracking, RQVAE_MODEL, rqvae_served(embeddings), rqvae.state_dict(), rq_saved, RQVAE_CONFIG)
     ctr_config = CTRConfig(variant="saviorrec", num_items=5, embedding_dim=8, num_levels=2, codebook_size=4, mba_dim=4, id_dim=4,
                            user_buckets=10, profile_vocab_sizes=(3,), attention_dim=8, heads=2, dnn_dims=(8, 4))
     ctr = CTRModel(ctr_config)
     ctr.load_item_tables(torch.arange(5), torch.randn(5, 8), torch.randint(0, 4, (5, 2)))
-    ctr_saved = {"architecture": ctr_config.to_dict(), "vocabularies": {}, "sequence_length": 3}
-    _, ctr_uri = _log_model(tracking, CTR_MODEL, ctr.state_dict(), ctr_saved, CTR_CONFIG)
+    ctr_saved = {"architecture": ctr_config.to_dict(), "vocabularies": {"region": ["north", "south"]}, "sequence_length": 3}
+    requests = pl.DataFrame({"user_id": [1, 2], "region": ["north", "east"], "item_id": [0, 4], "item_impressions": [3, 0], "item_clicks": [1, 0],
+                             "item_ctr": [0.1, 0.05], "seq_items": [[1, 2], []], "seq_impressions": [[4, 5], []], "seq_clicks": [[1, 0], []],
+                             "seq_ctr": [[0.1, 0.05], []]})
+    _, ctr_uri = _log_model(tracking, CTR_MODEL, ranker_served(requests, ctr_saved["vocabularies"], False), ctr.state_dict(), ctr_saved, CTR_CONFIG)
     storage = ParquetStorage(root=str(tmp_path / "storage"))
     reference = pl.DataFrame({"model_uri": [encoder_uri]})
     storage.write(reference, "item_encoder", EVAL_DAY)
@@ -282,7 +290,16 @@ def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_p
             (load_rqvae(rqvae_uri, tracking)[0], rqvae),
             (load_ctr_model(ctr_uri, tracking)[0], ctr),
         ]
+        mlflow.set_tracking_uri(tracking.tracking_uri)
+        served = {uri: mlflow.pyfunc.load_model(uri) for uri in (encoder_uri, rqvae_uri, ctr_uri)}
+        loaded += [
+            (served[encoder_uri].unwrap_python_model().model, encoder),
+            (served[rqvae_uri].unwrap_python_model().model, rqvae),
+            (served[ctr_uri].unwrap_python_model().ranker.model, ctr),
+        ]
+        pctr = served[ctr_uri].predict(requests.to_pandas())["pctr"]
     assert result.success and not calls, f"unpickling attempted: {calls}"
+    assert len(pctr) == 2 and pctr.between(0, 1).all()
     assert storage.read("item_embeddings", EVAL_DAY).height == pl.read_parquet(demo_raw / "items" / "*.parquet").height
     for model, saved in loaded:
         reloaded, original = model.state_dict(), saved.state_dict()
@@ -292,9 +309,11 @@ def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_p
 
 
 # Modules and calls that unpickle, or load models through pickle (MLflow's flavours, torch.load).
+# mlflow.pyfunc itself may be imported, to define and save models from code, but not its loader:
+# a pyfunc URI a user names may hold a cloudpickled model.
 _UNPICKLING_MODULES = {
     "pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve",
-    "mlflow.pytorch", "mlflow.pyfunc", "mlflow.sklearn", "mlflow.transformers",
+    "mlflow.pytorch", "mlflow.sklearn", "mlflow.transformers",
 }
 _UNPICKLING_CALLS = re.compile(r"(^|\.)(torch\.load|torch\.serialization\.load|read_pickle)$|^mlflow\..*\.load_model$")
 
@@ -316,6 +335,8 @@ def _unpickling_in(text: str, where: str) -> list[str]:
             modules = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
             if node.module in ("torch", "torch.serialization") and any(alias.name == "load" for alias in node.names):
                 found.append(f"{where}:{node.lineno}: from {node.module} import load")
+            if (node.module or "").startswith("mlflow") and any(alias.name == "load_model" for alias in node.names):
+                found.append(f"{where}:{node.lineno}: from {node.module} import load_model")
         elif isinstance(node, ast.Call):
             name = _dotted(node.func)
             if _UNPICKLING_CALLS.search(name):
@@ -330,9 +351,10 @@ def _unpickling_in(text: str, where: str) -> list[str]:
 
 @pytest.mark.unit
 def test_the_package_source_never_unpickles():
-    planted = "import joblib\nfrom mlflow import pytorch\nimport torch\ntorch.load(f)\nnp.load(f, allow_pickle=True)\nmlflow.pyfunc.load_model(u)\n"
+    planted = ("import joblib\nfrom mlflow import pytorch\nimport torch\ntorch.load(f)\nnp.load(f, allow_pickle=True)\nmlflow.pyfunc.load_model(u)\n"
+               "from mlflow.pyfunc import load_model\nimport mlflow.pyfunc\n")
     flagged = {int(line.split(":")[1]) for line in _unpickling_in(planted, "planted")}
-    assert flagged == {1, 2, 4, 5, 6}, f"the check flags lines {flagged} of the planted source"
+    assert flagged == {1, 2, 4, 5, 6, 7}, f"the check flags lines {flagged} of the planted source"
     sources = sorted((REPO / "saviorrec_pipeline").rglob("*.py"))
     assert len(sources) > 20, "package source not found"
     found = [line for source in sources for line in _unpickling_in(source.read_text(), str(source.relative_to(REPO)))]

@@ -21,6 +21,7 @@ from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
+from saviorrec_pipeline.serving.pyfunc import ranker_served
 
 CTR_MODEL = "saviorrec-ctr"  # the saviorrec variant, the one served; the baselines are logged in their runs, not registered
 CHAMPION_VARIANT = "saviorrec"
@@ -278,10 +279,11 @@ def _train_and_register(
         saved = {"architecture": trained.model.config.to_dict(), "vocabularies": inputs.vocabularies, "sequence_length": inputs.sequence_length,
                  "schedule": {"steps_done": trained.training.steps_done, "total_steps": trained.training.total_steps}, **lineage}
         files = {TRAINING_STATE: trained.training.final_state.to_bytes()}
+        served = ranker_served(inputs.eval_rows, inputs.vocabularies, trained.model.config.use_base_pctr)
         if register and variant == CHAMPION_VARIANT:
-            model_uri = run.log_registered_model(CTR_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context), files)
+            model_uri = run.log_registered_model(CTR_MODEL, served, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context), files)
         else:
-            run.log_model(trained.model.state_dict(), saved, CONFIG, files=files)
+            run.log_model(served, trained.model.state_dict(), saved, CONFIG, files=files)
             model_uri = f"runs:/{run.run_id}/model"
     predictions = inputs.eval_rows.select(
         "user_id", "item_id", "ts", pl.lit(variant).alias("variant"), pl.Series("pctr", trained.scores, dtype=pl.Float32),

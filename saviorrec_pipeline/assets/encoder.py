@@ -28,6 +28,7 @@ from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
+from saviorrec_pipeline.serving.pyfunc import item_encoder_served
 
 ENCODER_MODEL = "saviorrec-item-encoder"
 CONFIG = "encoder_config.json"
@@ -79,10 +80,11 @@ def item_encoder(
     # A checkpoint the user names is an explicit new start.
     start = refresh_start(due, config.refresh_from_champion and not config.checkpoint_path, architecture.to_dict(), CONFIG, tracking)
     checkpoints = StageCheckpoints(context, storage)
+    catalog = read_catalog(raw)
     with tracking.start_run(context, "item_encoder") as run:
         with track_usage() as usage:
             trained = train_item_encoder(
-                read_catalog(raw), coclick_pairs, architecture, training, initial_weights=config.checkpoint_path, continue_from=start.weights,
+                catalog, coclick_pairs, architecture, training, initial_weights=config.checkpoint_path, continue_from=start.weights,
                 checkpoints=checkpoints, on_step=step_reporter(context), on_epoch=epoch_reporter(context, run),
                 where=f" for {context.partition_key}", catalog_source=f"{raw.root}/items",
             )
@@ -94,7 +96,7 @@ def item_encoder(
         run.log_metrics({"final_loss": trained.history[-1], "train_seconds": usage.seconds, "pairs_per_s": trained.pairs_trained / usage.seconds})
         saved = {"architecture": architecture.to_dict(), "training": dataclasses.asdict(trained.training), "initial_weights": config.checkpoint_path,
                  "continued_from": start.lineage}
-        model_uri = run.log_registered_model(ENCODER_MODEL, trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
+        model_uri = run.log_registered_model(ENCODER_MODEL, item_encoder_served(catalog), trained.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
     reference = model_reference(model_uri, run.run_id, context.partition_key, final_loss=trained.history[-1], pairs=trained.pairs, items=trained.items)
     return dg.Output(reference, metadata={
         "training": "trained", "model_uri": model_uri, "model_version": model_uri.rsplit("/", 1)[1], "refresh_reason": due.reason,

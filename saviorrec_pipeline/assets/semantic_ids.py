@@ -26,6 +26,7 @@ from saviorrec_pipeline.method.training import check_same_shapes
 from saviorrec_pipeline.profiling import track_usage
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
+from saviorrec_pipeline.serving.pyfunc import rqvae_served
 
 RQVAE_MODEL = "saviorrec-rqvae"
 CONFIG = "rqvae_config.json"
@@ -103,7 +104,7 @@ def semantic_ids(
         run.log_metrics(quality_figures(result.quality) | figures | {"train_seconds": usage.seconds})
         saved = {"architecture": architecture.to_dict(), "inference_assignment": config.inference_assignment, "encoder_uri": encoder_uri,
                  "continued_from": start.lineage}
-        model_uri = run.log_registered_model(RQVAE_MODEL, result.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
+        model_uri = run.log_registered_model(RQVAE_MODEL, rqvae_served(item_embeddings), result.model.state_dict(), saved, CONFIG, tracking.origin_tags(context))
     codes = codes_table(item_embeddings, result.codes, result.errors, model_uri)
     return dg.Output(codes, metadata={
         "training": "trained", "model_uri": model_uri, "model_version": model_uri.rsplit("/", 1)[1], "refresh_reason": due.reason,

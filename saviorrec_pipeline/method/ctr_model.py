@@ -11,7 +11,8 @@ Variants (Tables 2-3): `base` has only the behaviour block b; `saviorrec` all fo
 drops the skip connection to z; `no_bidir` keeps b and m only. Fig. 4 removes one kind of feature
 from saviorrec: `no_item_id` (h = S), `no_statistics` (h = ID); without the multimodal features
 and their modules saviorrec is `base`. Item-side inputs (z, codes) live in
-the model as buffers indexed by a dense item number, so a saved model scores from item ids alone.
+the model as buffers indexed by a dense item number, so a saved model scores from item ids alone;
+a batch may also bring items the tables lack (`Batch.new_embeddings`), scored without an ID row.
 """
 
 import dataclasses
@@ -87,6 +88,10 @@ class Batch:
     seq_mask: torch.Tensor  # (B, N) True where a real click
     base_pctr: torch.Tensor  # (B, 1)
     label: torch.Tensor | None = field(default=None)  # (B,)
+    # Items not in the model's tables (a cold start the ranker never trained on): item number
+    # num_items + 1 + j is row j of these, raw z as the encoder gives it and its RQ codes.
+    new_embeddings: torch.Tensor | None = field(default=None)  # (M, D)
+    new_codes: torch.Tensor | None = field(default=None)  # (M, L)
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(**{k: (v.to(device) if v is not None else None) for k, v in dataclasses.asdict(self).items()})
@@ -102,6 +107,8 @@ class CTRModel(nn.Module):
         self.register_buffer("item_ids", torch.zeros(pad, dtype=torch.long))
         self.register_buffer("item_embeddings", torch.zeros(pad + 1, config.embedding_dim))
         self.register_buffer("item_codes", torch.zeros(pad + 1, config.num_levels, dtype=torch.long))
+        self.register_buffer("embedding_mean", torch.zeros(config.embedding_dim))  # of the catalog's z, to standardise a new item's
+        self.register_buffer("embedding_std", torch.ones(config.embedding_dim))
         # Standardisation of the statistics S_i, fitted on the training rows (load_stats_scale):
         # raw log-counts reach 10 and more, and would swamp the ID embeddings beside them.
         self.register_buffer("stats_mean", torch.zeros(config.stats_dim))
@@ -141,8 +148,13 @@ class CTRModel(nn.Module):
         narrow cone (variance per dimension about 1e-3), too flat for the attention and the DNN."""
         with torch.no_grad():
             self.item_ids.copy_(item_ids)
-            self.item_embeddings[:-1] = (embeddings - embeddings.mean(dim=0)) / embeddings.std(dim=0).clamp_min(1e-6)
+            self.embedding_mean.copy_(embeddings.mean(dim=0))
+            self.embedding_std.copy_(embeddings.std(dim=0).clamp_min(1e-6))
+            self.item_embeddings[:-1] = self.standardised(embeddings)
             self.item_codes[:-1] = codes
+
+    def standardised(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return (embeddings - self.embedding_mean) / self.embedding_std
 
     def load_stats_scale(self, stats: torch.Tensor) -> None:
         """Standardise S_i by the mean and deviation of the training rows' statistics (rows, 3),
@@ -163,7 +175,7 @@ class CTRModel(nn.Module):
         h_cand, h_seq = self._behaviour(batch.item, stats), self._behaviour(batch.seq_items, seq_stats)  # (B, h_dim), (B, N, h_dim)
         z_cand = z_seq = None
         if self.variant.multimodal:
-            z_cand, z_seq = self._multimodal(batch.item, batch.seq_items)  # (B, D), (B, N, D)
+            z_cand, z_seq = self._multimodal(batch)  # (B, D), (B, N, D)
         interest = self.attention(h_cand, h_seq, z_cand, z_seq, batch.seq_mask)
         other = [self.user_embedding(batch.user), h_cand]
         other += [table(batch.profile[:, i]) for i, table in enumerate(self.profile_embeddings)]
@@ -174,20 +186,34 @@ class CTRModel(nn.Module):
         return self.dnn(torch.cat([interest, *other], dim=-1)).squeeze(-1)
 
     def _behaviour(self, items: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-        """h = Concat(ID, S), or the one of them the variant keeps."""
-        parts = ([self.item_id_embedding(items)] if self.variant.item_id else []) + ([stats] if self.variant.statistics else [])
-        return torch.cat(parts, dim=-1)
+        """h = Concat(ID, S), or the one of them the variant keeps; an item past the tables (a new
+        one) reads the padding row, zero, as an item without an ID row."""
+        ids = [self.item_id_embedding(items.clamp(max=self.config.num_items))] if self.variant.item_id else []
+        return torch.cat(ids + ([stats] if self.variant.statistics else []), dim=-1)
 
-    def _multimodal(self, item: torch.Tensor, seq_items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _multimodal(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         # Each distinct item once: a batch's sequences repeat items many times over. Read back with
         # index_select, not z[inverse]: its backward (index_add) is several times cheaper on a CPU
         # than advanced indexing's (index_put with accumulation).
+        item, seq_items = batch.item, batch.seq_items
         unique, inverse = torch.unique(torch.cat([item, seq_items.flatten()]), return_inverse=True)
-        z = self.item_embeddings[unique]
+        z, codes = self._item_side(unique, batch)
         if self.variant.mba:
-            z = self.mba(z, self.item_codes[unique])
+            z = self.mba(z, codes)
         z_cand, z_seq = z.index_select(0, inverse[: len(item)]), z.index_select(0, inverse[len(item):])
         return z_cand, z_seq.view(*seq_items.shape, -1)
+
+    def _item_side(self, numbers: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised z and codes of item numbers; those past the padding row are the batch's new items."""
+        pad = self.config.num_items
+        z, codes = self.item_embeddings[numbers.clamp(max=pad)], self.item_codes[numbers.clamp(max=pad)]
+        if batch.new_embeddings is not None:
+            new = numbers > pad
+            rows = numbers[new] - pad - 1
+            z, codes = z.clone(), codes.clone()
+            z[new] = self.standardised(batch.new_embeddings[rows])
+            codes[new] = batch.new_codes[rows]
+        return z, codes
 
 
 class MBA(nn.Module):

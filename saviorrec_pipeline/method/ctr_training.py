@@ -41,12 +41,18 @@ class ItemIndex:
         return len(self.item_ids)
 
     def numbers(self, ids: np.ndarray, where: str) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        position = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
-        found = self._sorted[position] == ids
+        numbers, found = self.find(ids)
         if not found.all():
-            raise ValueError(f"{where}: {int((~found).sum())} item id(s) have no embedding, e.g. {int(ids[~found][0])}")
-        return self._order[position]
+            raise ValueError(f"{where}: {int((~found).sum())} item id(s) have no embedding, e.g. {int(np.asarray(ids)[~found][0])}")
+        return numbers
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(each id's number, whether it has one); a number where it has none is meaningless."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if not len(self._sorted):
+            return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
+        position = np.searchsorted(self._sorted, ids).clip(max=len(self._sorted) - 1)
+        return self._order[position], self._sorted[position] == ids
 
 
 def profile_vocabularies(train_rows: pl.DataFrame, columns: list[str]) -> dict[str, list[str]]:
@@ -116,7 +122,8 @@ class EncodedRows:
 def encode_rows(
     rows: pl.DataFrame, items: ItemIndex, vocabularies: dict[str, list[str]], user_buckets: int, where: str
 ) -> EncodedRows:
-    """Model inputs for ranking rows (the columns of the `ranking_dataset` asset)."""
+    """Model inputs for ranking rows (the columns of the `ranking_dataset` asset; rows to score
+    need no `clicked`, their labels are then 0). `items` may be any object with ItemIndex's `numbers`."""
     profile = profile_numbers(rows, vocabularies)
     lengths = rows["seq_items"].list.len().to_numpy().astype(np.int64)
     flat_ids = rows["seq_items"].explode(empty_as_null=False).to_numpy()
@@ -134,7 +141,7 @@ def encode_rows(
         seq_start=torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)),
         seq_length=torch.from_numpy(lengths),
         base_pctr=torch.from_numpy(base.astype(np.float32)).unsqueeze(-1),
-        label=torch.from_numpy(rows["clicked"].to_numpy().astype(np.float32)),
+        label=torch.from_numpy(rows["clicked"].to_numpy().astype(np.float32) if "clicked" in rows.columns else np.zeros(rows.height, np.float32)),
     )
 
 
@@ -189,12 +196,19 @@ class CTRTraining:
 
 
 @torch.no_grad()
-def predict(model: CTRModel, rows: EncodedRows, sequence_length: int, device: torch.device, batch_size: int = 8192) -> np.ndarray:
+def predict(
+    model: CTRModel, rows: EncodedRows, sequence_length: int, device: torch.device, batch_size: int = 8192,
+    new_items: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> np.ndarray:
+    """pCTR of `rows`; `new_items` (z, codes) are the items numbered past the model's padding row."""
     model.to(device).eval()
     out = []
     for start in range(0, len(rows), batch_size):
         index = torch.arange(start, min(start + batch_size, len(rows)))
-        batch = rows.batch(index, sequence_length, model.config.num_items).to(device)
+        batch = rows.batch(index, sequence_length, model.config.num_items)
+        if new_items is not None:
+            batch.new_embeddings, batch.new_codes = new_items
+        batch = batch.to(device)
         out.append(torch.sigmoid(model(batch)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
@@ -479,7 +493,7 @@ def check_fits(champion: CTRConfig, today: CTRConfig, variant: str, champion_uri
 
 
 ITEM_ROWS = "item_id_embedding.weight"  # one row per item number (and the padding row)
-ITEM_TABLES = ("item_ids", "item_embeddings", "item_codes")  # today's, always
+ITEM_TABLES = ("item_ids", "item_embeddings", "item_codes", "embedding_mean", "embedding_std")  # today's, always
 AVERAGE_UPDATES = "model.average.n_averaged"  # in a training state: the moving average's update count
 
 
@@ -494,11 +508,12 @@ def carried_state_dict(old: dict[str, torch.Tensor], fresh: dict[str, torch.Tens
     present = np.isin(new_ids, old_ids)
     new_rows = torch.from_numpy(np.flatnonzero(present))
     old_rows = torch.from_numpy(known.numbers(new_ids[present], "champion items"))
-    extra_rows, carried = extra_rows or {}, {}
+    extra_rows = extra_rows or {}
+    carried = {name: value for name, value in fresh.items() if name.endswith(ITEM_TABLES)}
     for name, value in old.items():
         if name.endswith(ITEM_TABLES):
-            carried[name] = fresh[name]
-        elif name.endswith(ITEM_ROWS) or name in extra_rows:
+            continue
+        if name.endswith(ITEM_ROWS) or name in extra_rows:
             rows = (fresh.get(name, extra_rows.get(name))).clone()
             rows[new_rows] = value[old_rows]
             carried[name] = rows

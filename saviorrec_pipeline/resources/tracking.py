@@ -1,8 +1,9 @@
 """MLflow tracking for every trained model: runs tagged with their Dagster origin, registered models.
 
 The embedded default is a SQLite store with local artifacts under SAVIORREC_HOME;
-MLFLOW_TRACKING_URI points at a server instead. Models are logged as plain files (safetensors
-weights plus a JSON config) and rebuilt from code, so loading one never unpickles anything.
+MLFLOW_TRACKING_URI points at a server instead. Models are logged as MLflow pyfunc models built
+from code (`serving.pyfunc`): their artifacts are safetensors weights plus a JSON config, and
+loading one rebuilds the module from this package's code, never unpickling anything.
 """
 
 import json
@@ -12,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import dagster as dg
@@ -26,6 +27,9 @@ from mlflow.environment_variables import (
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from saviorrec_pipeline.serving.pyfunc import ServedModel
 
 # On a tracking server, MLflow prints "View run ... at: <tracking URI>" to stdout as each run ends;
 # the URI may hold credentials, and Dagster keeps a step's stdout in its compute logs.
@@ -43,6 +47,7 @@ EXPERIMENT = "saviorrec"
 CHAMPION = "champion"  # the registered-model alias of the version in use
 _PARAMS_PER_REQUEST = 100  # MLflow's limit for one log_batch call
 MODEL_WEIGHTS = "model.safetensors"
+MODEL_FILES = "artifacts"  # in a logged model's directory: its weights, JSON config and further files
 
 
 class TrackingError(RuntimeError):
@@ -85,21 +90,30 @@ class TrackedRun:
     def artifact_uri(self, artifact_path: str) -> str:
         return f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
 
-    def log_files(self, files: dict[str, bytes], artifact_path: str, weights: dict | None = None) -> str:
-        """`files` (name: bytes) as artifacts under `artifact_path`, with `weights` (a state dict)
-        as safetensors beside them when given; their artifact URI."""
+    def log_files(self, files: dict[str, bytes], artifact_path: str) -> str:
+        """`files` (name: bytes) as artifacts under `artifact_path`; their artifact URI."""
         with tempfile.TemporaryDirectory() as folder:
-            if weights is not None:
-                save_file(weights, f"{folder}/{MODEL_WEIGHTS}")
             for name, data in files.items():
                 Path(folder, name).write_bytes(data)
             self.client.log_artifacts(self.run_id, folder, artifact_path)
         return self.artifact_uri(artifact_path)
 
-    def log_model(self, state_dict: dict, config: dict, config_file: str, artifact_path: str = "model", files: dict[str, bytes] | None = None) -> str:
-        """Weights as safetensors plus a JSON config under `artifact_path`, and any further `files`
-        (name: bytes) beside them; its artifact URI."""
-        return self.log_files({config_file: json.dumps(config).encode(), **(files or {})}, artifact_path, weights=state_dict)
+    def log_model(
+        self, served: "ServedModel", state_dict: dict, config: dict, config_file: str, artifact_path: str = "model",
+        files: dict[str, bytes] | None = None,
+    ) -> str:
+        """An MLflow model under `artifact_path` (`served`: its class file, signature and input
+        example), its artifacts the weights as safetensors, the JSON config and any further `files`
+        (name: bytes); its artifact URI."""
+        with tempfile.TemporaryDirectory() as folder:
+            sources = Path(folder, "files")
+            sources.mkdir()
+            save_file(state_dict, sources / MODEL_WEIGHTS)
+            for name, data in {config_file: json.dumps(config).encode(), **(files or {})}.items():
+                (sources / name).write_bytes(data)
+            served.save(Path(folder, "model"), sources / MODEL_WEIGHTS, sources / config_file, {name: sources / name for name in files or {}})
+            self.client.log_artifacts(self.run_id, str(Path(folder, "model")), artifact_path)
+        return self.artifact_uri(artifact_path)
 
     def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
         """Register the run's `artifact_path` as a new version of model `name`; its version."""
@@ -112,11 +126,12 @@ class TrackedRun:
         return version.version
 
     def log_registered_model(
-        self, name: str, state_dict: dict, config: dict, config_file: str, tags: dict[str, str], files: dict[str, bytes] | None = None
+        self, name: str, served: "ServedModel", state_dict: dict, config: dict, config_file: str, tags: dict[str, str],
+        files: dict[str, bytes] | None = None,
     ) -> str:
         """Log the model (`log_model`) and register it as a new version of `name`: its URI,
         `models:/NAME/VERSION`, the one way an asset's output refers to a trained model."""
-        self.log_model(state_dict, config, config_file, files=files)
+        self.log_model(served, state_dict, config, config_file, files=files)
         return f"models:/{name}/{self.register(name, 'model', tags)}"
 
 
@@ -258,16 +273,17 @@ class MlflowTracking(dg.ConfigurableResource):
         """(config, state dict) of a model logged by `TrackedRun.log_model`, without the files
         beside them; nothing is unpickled."""
         with tempfile.TemporaryDirectory() as folder:
-            return self.load_model_config(model_uri, config_file), load_file(self.download(f"{model_uri}/{MODEL_WEIGHTS}", Path(folder)))
+            weights = self.download(f"{model_uri}/{MODEL_FILES}/{MODEL_WEIGHTS}", Path(folder))
+            return self.load_model_config(model_uri, config_file), load_file(weights)
 
     def load_model_config(self, model_uri: str, config_file: str) -> dict:
         """A logged model's JSON config alone."""
         return json.loads(self.load_model_file(model_uri, config_file))
 
     def load_model_file(self, model_uri: str, name: str) -> bytes:
-        """One file logged beside a model (`log_model`'s `files`)."""
+        """One of a logged model's artifacts (its config, `log_model`'s `files`)."""
         with tempfile.TemporaryDirectory() as folder:
-            return self.download(f"{model_uri}/{name}", Path(folder)).read_bytes()
+            return self.download(f"{model_uri}/{MODEL_FILES}/{name}", Path(folder)).read_bytes()
 
     def download(self, artifact_uri: str, into: Path) -> Path:
         """Artifacts of a logged model as local files; `models:/NAME/VERSION` (and a path inside it)
