@@ -1,4 +1,5 @@
-"""The `saviorrec` command: demo data and the end-to-end demo run."""
+"""The `saviorrec` command: demo data, the end-to-end demo run, and the registered ranker's
+batch scoring and ONNX export."""
 
 import argparse
 import datetime as dt
@@ -26,7 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     _add_spec_arguments(demo)
 
+    model_help = "the ranker: models:/saviorrec-ctr@champion, models:/saviorrec-ctr/VERSION or runs:/RUN_ID/model"
+    score = commands.add_parser("score", help="score a Parquet file of requests (ranking_dataset's columns) in streaming batches")
+    score.add_argument("--model", required=True, help=model_help)
+    score.add_argument("--input", required=True, help="requests.parquet (local or s3://)")
+    score.add_argument("--out", required=True, help="scores.parquet: the requests' user_id, item_id, ts (where present) and pctr")
+    score.add_argument("--batch-rows", type=int, default=65_536, help="rows scored at a time (memory holds one batch)")
+    export = commands.add_parser("export-onnx", help="write the ranker, its item tables inside, as an ONNX graph")
+    export.add_argument("--model", required=True, help=model_help)
+    export.add_argument("--out", required=True, help="FILE.onnx")
+
     args = parser.parse_args(argv)
+    if args.command in ("score", "export-onnx"):
+        return serve_command(args)
     spec = DemoSpec(
         start_date=args.start_date, days=args.days, users=args.users, items=args.items, seed=args.seed, scale=args.scale
     )
@@ -44,6 +57,46 @@ def _add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=defaults.items)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--scale", type=float, default=defaults.scale, help="multiply users, items and impressions")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """`score` and `export-onnx`: the ranker read from MLflow (MLFLOW_TRACKING_URI, else the
+    project home's store) as safetensors and JSON, rebuilt from code."""
+    import time
+
+    from saviorrec_pipeline.assets.ctr_model import load_ctr_model
+    from saviorrec_pipeline.resources.tracking import TrackingError
+    from saviorrec_pipeline.serving.ranker import Ranker, RequestError
+
+    try:
+        ranker = Ranker.from_saved(*load_ctr_model(args.model, _tracking()))
+        started = time.perf_counter()
+        if args.command == "export-onnx":
+            from saviorrec_pipeline.serving.onnx_export import export_onnx
+
+            export_onnx(ranker, args.out)
+            print(f"wrote {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB, {ranker.model.config.num_items} items) in {time.perf_counter() - started:.1f} s")
+        else:
+            from saviorrec_pipeline.serving.batch import score_file
+
+            rows = score_file(ranker, args.input, args.out, args.batch_rows)
+            seconds = time.perf_counter() - started
+            print(f"scored {rows} rows of {args.input} into {args.out} in {seconds:.1f} s ({rows / max(seconds, 1e-9):,.0f} rows/s)")
+    except (RequestError, TrackingError, FileNotFoundError) as error:
+        print(f"saviorrec {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _tracking():
+    import dagster as dg
+
+    from saviorrec_pipeline.resources.tracking import MlflowTracking
+    from saviorrec_pipeline.settings import load_settings
+
+    settings = load_settings()
+    uri = settings.mlflow_tracking_uri
+    return MlflowTracking(tracking_uri=uri.get_value() if isinstance(uri, dg.EnvVar) else uri, artifact_root=settings.mlflow_artifact_root)
 
 
 # The demo's evaluation day has about 15,000 impressions and most items have under 100 impressions

@@ -286,14 +286,20 @@ class MlflowTracking(dg.ConfigurableResource):
             return self.download(f"{model_uri}/{MODEL_FILES}/{name}", Path(folder)).read_bytes()
 
     def download(self, artifact_uri: str, into: Path) -> Path:
-        """Artifacts of a logged model as local files; `models:/NAME/VERSION` (and a path inside it)
-        resolves through this resource's registry, not MLflow's process-wide default."""
+        """Artifacts of a logged model as local files; `models:/NAME/VERSION` or `models:/NAME@ALIAS`
+        (and a path inside it) resolves through this resource's registry, not MLflow's process-wide default."""
         from mlflow.artifacts import download_artifacts
 
         with self._reporting(f"loading {artifact_uri}"):
             if artifact_uri.startswith("models:/"):
-                name, version, *inside = artifact_uri.removeprefix("models:/").split("/")
-                artifact_uri = "/".join([self.client().get_model_version_download_uri(name, version), *inside])
+                client = self.client()
+                name, *rest = artifact_uri.removeprefix("models:/").split("/")
+                if "@" in name:
+                    name, alias = name.split("@", 1)
+                    version = client.get_model_version_by_alias(name, alias).version
+                else:
+                    version, *rest = rest
+                artifact_uri = "/".join([client.get_model_version_download_uri(name, version), *rest])
             os.makedirs(into, exist_ok=True)
             return Path(download_artifacts(artifact_uri=artifact_uri, dst_path=str(into), tracking_uri=self.tracking_uri))
 

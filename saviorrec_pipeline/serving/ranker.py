@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
-from saviorrec_pipeline.method.ctr_training import STAT_COLUMNS, ItemIndex, encode_rows, predict
+from saviorrec_pipeline.method.ctr_training import STAT_COLUMNS, EncodedRows, ItemIndex, encode_rows, predict
 from saviorrec_pipeline.method.device import device_for_training
 
 SEQUENCE_COLUMNS = ("seq_items", *(f"seq_{name}" for name in STAT_COLUMNS))
@@ -56,6 +56,11 @@ class Ranker:
         saved = json.loads(Path(config).read_text())
         model = CTRModel(CTRConfig.from_dict(saved["architecture"]))
         model.load_state_dict(load_file(str(weights)))
+        return cls.from_saved(model, saved)
+
+    @classmethod
+    def from_saved(cls, model: CTRModel, saved: dict) -> "Ranker":
+        """`model` with the config the ctr_model stage saved beside it."""
         return cls(model.eval(), saved["vocabularies"], saved["sequence_length"])
 
     def columns(self) -> dict[str, pl.DataType]:
@@ -73,13 +78,17 @@ class Ranker:
 
     def score(self, rows: pd.DataFrame | pl.DataFrame) -> np.ndarray:
         """pCTR per request row, in row order (float32); RequestError names the column at fault."""
+        encoded, new_items = self.encode(rows)
+        return predict(self.model, encoded, self.sequence_length, self.device, new_items=new_items)
+
+    def encode(self, rows: pd.DataFrame | pl.DataFrame) -> tuple[EncodedRows, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The model's inputs for request rows, and (z, codes) of the candidates its tables lack."""
         frame = self.checked(rows)
-        known_numbers, known = self.items.find(frame["item_id"].to_numpy())
+        _, known = self.items.find(frame["item_id"].to_numpy())
         new_ids = np.unique(frame["item_id"].to_numpy()[~known])
         new_items = self._new_items(frame, known, new_ids) if len(new_ids) else None
         frame = self._without_unknown_clicks(frame)
-        encoded = encode_rows(frame, _RequestItems(self.items, new_ids), self.vocabularies, self.model.config.user_buckets, "request")
-        return predict(self.model, encoded, self.sequence_length, self.device, new_items=new_items)
+        return encode_rows(frame, _RequestItems(self.items, new_ids), self.vocabularies, self.model.config.user_buckets, "request"), new_items
 
     def checked(self, rows: pd.DataFrame | pl.DataFrame) -> pl.DataFrame:
         """The request as typed columns, refused with the column at fault when one is missing,
