@@ -8,7 +8,7 @@ from saviorrec_pipeline_tests.services import S3Server, start_seaweedfs, stop, w
 
 KINDS = {"unit", "integration"}
 # Fixtures that start a real service; a unit test must not reach one, even through another fixture.
-SERVICE_FIXTURES = {"s3_server", "s3", "mlflow_server", "postgres", "dagster_ui"}
+SERVICE_FIXTURES = {"s3_server", "s3", "mlflow_server", "postgres", "dagster_ui", "model_server"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

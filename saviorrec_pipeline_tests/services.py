@@ -241,6 +241,20 @@ def start_mlflow_server(
     return process, f"http://127.0.0.1:{port}"
 
 
+def start_model_server(workdir: Path, model_uri: str, env: dict[str, str], port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """`mlflow models serve` of `model_uri` on loopback in this environment (`--env-manager local`)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = workdir / "model-server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [executable("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir, env=env,
+        )
+    return process, f"http://127.0.0.1:{port}"
+
+
 def graphql(url: str, query: str, variables: dict | None = None, timeout_s: float = 30) -> dict:
     """POST one query to a Dagster webserver's `/graphql`; its `data`, or RuntimeError with its `errors`."""
     request = urllib.request.Request(

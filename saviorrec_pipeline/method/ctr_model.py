@@ -200,7 +200,8 @@ class CTRModel(nn.Module):
         z, codes = self._item_side(unique, batch)
         if self.variant.mba:
             z = self.mba(z, codes)
-        z_cand, z_seq = z.index_select(0, inverse[: len(item)]), z.index_select(0, inverse[len(item):])
+        batch_size = item.shape[0]  # not len(item): an int would fix the batch size of an exported graph
+        z_cand, z_seq = z.index_select(0, inverse[:batch_size]), z.index_select(0, inverse[batch_size:])
         return z_cand, z_seq.view(*seq_items.shape, -1)
 
     def _item_side(self, numbers: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,10 +37,10 @@ class _Scores(nn.Module):
 def export_onnx(ranker: Ranker, out: str | Path) -> None:
     """Write the ranker's graph to `out`."""
     model = ranker.model.cpu().eval()
-    example = _example_batch(model, rows=2, length=3)
+    example = _example_batch(model, rows=17, length=11)  # sizes no other dimension has, which export would tie them to
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
     shapes = {name: ({0: batch, 1: length} if name.startswith("seq_") else {0: batch}) for name in INPUTS}
-    program = torch.onnx.export(_Scores(model), tuple(getattr(example, name) for name in INPUTS), dynamo=True, dynamic_shapes=shapes,
+    program = torch.onnx.export(_Scores(model).eval(), tuple(getattr(example, name) for name in INPUTS), dynamo=True, dynamic_shapes=shapes,
                                 input_names=list(INPUTS), output_names=["pctr"], verbose=False)
     program.model.metadata_props.update({
         "saviorrec.vocabularies": json.dumps(ranker.vocabularies), "saviorrec.sequence_length": str(ranker.sequence_length),
@@ -50,11 +50,15 @@ def export_onnx(ranker: Ranker, out: str | Path) -> None:
 
 
 def _example_batch(model: CTRModel, rows: int, length: int) -> Batch:
-    config = model.config
+    """Inputs to trace with: distinct items (all-equal ones would let export fix the batch size
+    through torch.unique's output size)."""
+    config, generator = model.config, torch.Generator().manual_seed(0)
+    items = torch.randint(0, config.num_items, (rows * (length + 1),), generator=generator)
     return Batch(
         user=torch.zeros(rows, dtype=torch.long), profile=torch.zeros(rows, len(config.profile_vocab_sizes), dtype=torch.long),
-        item=torch.zeros(rows, dtype=torch.long), stats=torch.zeros(rows, config.stats_dim), seq_items=torch.zeros(rows, length, dtype=torch.long),
-        seq_stats=torch.zeros(rows, length, config.stats_dim), seq_mask=torch.ones(rows, length, dtype=torch.bool), base_pctr=torch.zeros(rows, 1),
+        item=items[:rows], stats=torch.rand(rows, config.stats_dim, generator=generator), seq_items=items[rows:].view(rows, length),
+        seq_stats=torch.rand(rows, length, config.stats_dim, generator=generator), seq_mask=torch.ones(rows, length, dtype=torch.bool),
+        base_pctr=torch.rand(rows, 1, generator=generator),
     )
 
 
