@@ -139,7 +139,7 @@ def test_an_encoder_refresh_goes_on_from_the_champion_and_so_does_the_rqvae_whil
     ctr = metadata(fourth, "ctr_model")
     assert ctr["warm_start_from"] == "scratch" and encoder["model_uri"] in ctr["warm_start_reason"] and ctr["trained_days"] == WINDOW.train_days
     # The lineage the RQ-VAE followed is in the new encoder's saved config.
-    saved = mlflow.artifacts.load_dict(chain.client.get_model_version_download_uri("saviorrec-item-encoder", "2") + "/encoder_config.json")
+    saved = mlflow.artifacts.load_dict(chain.client.get_model_version_download_uri("saviorrec-item-encoder", "2") + "/artifacts/encoder_config.json")
     assert saved["continued_from"] == ["models:/saviorrec-item-encoder/1"]
 
 
