@@ -17,6 +17,7 @@ import base64
 import binascii
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -32,7 +33,10 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import Array, ColSpec, DataType, Schema
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
+from torch import nn
 
+from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
+from saviorrec_pipeline.method.ctr_training import STAT_COLUMNS
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc
 from saviorrec_pipeline.method.encoder_training import catalog_tensors, embed_catalog
@@ -63,6 +67,15 @@ class ServedModel:
         )
 
 
+def _rebuilt(context, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
+    """The module `build` makes from the logged architecture, with the logged weights, in eval
+    mode; and the logged JSON config."""
+    saved = json.loads(Path(context.artifacts[CONFIG]).read_text())
+    model = build(saved["architecture"])
+    model.load_state_dict(load_file(context.artifacts[WEIGHTS]))
+    return model.eval(), saved
+
+
 def refused(error: RequestError) -> MlflowException:
     return MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE)
 
@@ -73,7 +86,7 @@ class RankerModel(mlflow.pyfunc.PythonModel):
     """pCTR for ranking rows (`serving.ranker.Ranker`)."""
 
     def load_context(self, context) -> None:
-        self.ranker = Ranker.from_files(context.artifacts[WEIGHTS], context.artifacts[CONFIG])
+        self.ranker = Ranker.from_saved(*_rebuilt(context, lambda architecture: CTRModel(CTRConfig.from_dict(architecture))))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
@@ -84,8 +97,6 @@ class RankerModel(mlflow.pyfunc.PythonModel):
 
 def ranker_served(rows: pl.DataFrame, vocabularies: dict[str, list[str]], use_base_pctr: bool) -> ServedModel:
     """The ranker's signature and input example, from ranking rows (`ranking_dataset`'s columns)."""
-    from saviorrec_pipeline.method.ctr_training import STAT_COLUMNS
-
     columns = ["user_id", *vocabularies, "item_id", *(f"item_{n}" for n in STAT_COLUMNS), "seq_items", *(f"seq_{n}" for n in STAT_COLUMNS)]
     columns += ["base_pctr"] if use_base_pctr else []
     example = rows.head(2).select(columns)
@@ -101,10 +112,7 @@ class ItemEncoderModel(mlflow.pyfunc.PythonModel):
     """z of items from their `title` and `image`, either of which may be missing."""
 
     def load_context(self, context) -> None:
-        saved = json.loads(Path(context.artifacts[CONFIG]).read_text())
-        self.model = SaviorEnc(EncoderConfig.from_dict(saved["architecture"]))
-        self.model.load_state_dict(load_file(context.artifacts[WEIGHTS]))
-        self.model.eval()
+        self.model, _ = _rebuilt(context, lambda architecture: SaviorEnc(EncoderConfig.from_dict(architecture)))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
@@ -165,10 +173,7 @@ class SemanticIdModel(mlflow.pyfunc.PythonModel):
     """The semantic ID (L codes) of each `embedding`, assigned as the semantic_ids stage assigns them."""
 
     def load_context(self, context) -> None:
-        saved = json.loads(Path(context.artifacts[CONFIG]).read_text())
-        self.model = RQVAE(RQVAEConfig.from_dict(saved["architecture"]))
-        self.model.load_state_dict(load_file(context.artifacts[WEIGHTS]))
-        self.model.eval()
+        self.model, saved = _rebuilt(context, lambda architecture: RQVAE(RQVAEConfig.from_dict(architecture)))
         self.assignment = saved["inference_assignment"]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:

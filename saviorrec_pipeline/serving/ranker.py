@@ -14,17 +14,14 @@ impressions for a brand-new item). Sequence items missing from the tables are le
 sequence: the model has neither an ID row nor a z for them.
 """
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import polars as pl
 import torch
-from safetensors.torch import load_file
 
-from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
+from saviorrec_pipeline.method.ctr_model import CTRModel
 from saviorrec_pipeline.method.ctr_training import STAT_COLUMNS, EncodedRows, ItemIndex, encode_rows, predict
 from saviorrec_pipeline.method.device import device_for_training
 
@@ -49,14 +46,6 @@ class Ranker:
     def __post_init__(self):
         self.items = ItemIndex(self.model.item_ids.cpu().numpy())
         self.device = device_for_training()
-
-    @classmethod
-    def from_files(cls, weights: str | Path, config: str | Path) -> "Ranker":
-        """A ranker logged by the ctr_model stage: its safetensors weights and JSON config."""
-        saved = json.loads(Path(config).read_text())
-        model = CTRModel(CTRConfig.from_dict(saved["architecture"]))
-        model.load_state_dict(load_file(str(weights)))
-        return cls.from_saved(model, saved)
 
     @classmethod
     def from_saved(cls, model: CTRModel, saved: dict) -> "Ranker":
@@ -177,6 +166,7 @@ def _plain(value):
 def _refuse_nulls(series: pl.Series, column: str) -> None:
     if series.null_count():
         raise RequestError(column, f"row {int(series.is_null().arg_max())} is null")
-    if series.dtype.is_nested() and series.list.eval(pl.element().is_null().any()).explode().any():
-        row = int(series.list.eval(pl.element().is_null().any()).explode().arg_max())
-        raise RequestError(column, f"row {row} holds a null value")
+    if series.dtype.is_nested():
+        holds_null = series.list.eval(pl.element().is_null().any()).explode()
+        if holds_null.any():
+            raise RequestError(column, f"row {int(holds_null.arg_max())} holds a null value")
