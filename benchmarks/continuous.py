@@ -36,6 +36,7 @@ from saviorrec_pipeline.jobs import chain_job
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.metrics import auc_report
 from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -73,7 +74,7 @@ def run(days: int, folder: Path) -> dict:
     generate_demo(raw, spec)
     storage = ParquetStorage(root=str(folder / "storage"))
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{folder}/mlflow.db", artifact_root=str(folder / "artifacts"))
-    resources = {"raw": RawStore(root=str(raw)), "window": WINDOW, "storage": storage, "tracking": tracking,
+    resources = {"raw": RawStore(root=str(raw)), "window": WINDOW, "compute": Compute(), "storage": storage, "tracking": tracking,
                  "parquet_io_manager": ParquetIOManager(storage=storage, tracking=tracking)}
     chain_config = {"ops": {"auc_report": {"config": EDGES}, "champion_gate": {"config": EDGES}}}
     first = spec.start_date + dt.timedelta(days=WINDOW.train_days)

@@ -38,6 +38,7 @@ from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.jobs import chain_job
 from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -63,7 +64,7 @@ def trained_home(home: Path, spec: DemoSpec) -> tuple[str, pl.DataFrame]:
     day = (spec.start_date + dt.timedelta(days=spec.days - 1)).isoformat()
     storage = ParquetStorage(root=str(home / "storage"), checkpoint_every_epochs=0)
     uri = f"sqlite:///{home}/mlflow.db"
-    resources = {"raw": RawStore(root=str(home / "raw")), "window": TrainEvalWindow(train_days=spec.days - 1, eval_days=1), "storage": storage,
+    resources = {"raw": RawStore(root=str(home / "raw")), "window": TrainEvalWindow(train_days=spec.days - 1, eval_days=1), "compute": Compute(), "storage": storage,
                  "parquet_io_manager": ParquetIOManager(storage=storage), "tracking": MlflowTracking(tracking_uri=uri, artifact_root=str(home / "artifacts"))}
     result = dg.materialize(all_assets, selection=chain_job.selection, partition_key=day, resources=resources,
                             run_config={"ops": {op: {"config": config} for op, config in TINY.items()}})

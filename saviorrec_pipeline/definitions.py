@@ -3,7 +3,8 @@
 Loaded by `dagster dev` through workspace.yaml, and by `-m saviorrec_pipeline.definitions`.
 Where data lives comes from the environment (settings.py); switching disk to S3 is a change of
 SAVIORREC_RAW_ROOT / SAVIORREC_STORAGE_ROOT, never of code. Likewise SAVIORREC_K8S_EXECUTOR_CONFIG
-moves the steps from the run's process to Kubernetes Jobs (deploy/k8s/executor.yaml).
+moves the steps from the run's process to Kubernetes Jobs (deploy/k8s/executor.yaml), and
+SAVIORREC_RAY_ADDRESS the heavy stages onto Ray.
 """
 
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 from saviorrec_pipeline.assets import auc_report, champion, coclick, ctr_model, encoder, ranking_dataset, raw, semantic_ids
 from saviorrec_pipeline.jobs import chain_job, paper_tables_job
 from saviorrec_pipeline.partitions import SETTINGS, TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -37,6 +39,7 @@ def deployment_resources(settings: Settings) -> dict[str, dg.ConfigurableResourc
         # With the tracking: a stage whose output cannot be stored withdraws the model it registered.
         "parquet_io_manager": ParquetIOManager(storage=storage, tracking=tracking),
         "tracking": tracking,
+        "compute": Compute(ray_address=settings.ray_address),
     }
 
 

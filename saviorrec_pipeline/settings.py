@@ -27,6 +27,7 @@ class Settings:
     k8s_executor_config: str | None  # a k8s_job_executor YAML: every step its own Kubernetes Job
     checkpoint_every_epochs: int  # training checkpoints; 0: none
     refresh_days: int  # the encoder and RQ-VAE retrain when the champion's are this many days old
+    ray_address: str | None  # the heavy stages on Ray (local, auto, ray://host:port); None: in-process
 
 
 def _int_at_least(name: str, default: int, minimum: int = 1) -> int:
@@ -67,4 +68,5 @@ def load_settings() -> Settings:
         k8s_executor_config=os.environ.get("SAVIORREC_K8S_EXECUTOR_CONFIG") or None,
         checkpoint_every_epochs=_int_at_least("SAVIORREC_CHECKPOINT_EVERY_EPOCHS", 1, minimum=0),
         refresh_days=_int_at_least("SAVIORREC_REFRESH_DAYS", 7),
+        ray_address=os.environ.get("SAVIORREC_RAY_ADDRESS") or None,
     )

@@ -1,14 +1,16 @@
 import os
+import shutil
+import signal
 
 import pytest
 import s3fs
 
-from saviorrec_pipeline_tests.services import S3Server, start_seaweedfs, stop, wait_for_s3
+from saviorrec_pipeline_tests.services import S3Server, start_ray_head, start_seaweedfs, stop, wait_for_s3
 
 
 KINDS = {"unit", "integration"}
 # Fixtures that start a real service; a unit test must not reach one, even through another fixture.
-SERVICE_FIXTURES = {"s3_server", "s3", "mlflow_server", "postgres", "dagster_ui", "model_server"}
+SERVICE_FIXTURES = {"s3_server", "s3", "mlflow_server", "postgres", "dagster_ui", "model_server", "ray_cluster"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,3 +54,21 @@ def s3_root(s3_env: S3Server, request: pytest.FixtureRequest) -> str:
     if not fs.exists(bucket):
         fs.mkdir(bucket)
     return f"s3://{bucket}/{request.node.name.replace('[', '-').replace(']', '')}-{os.getpid()}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """A local Ray cluster of 2 CPUs for the whole session, this process connected to it as a
+    driver; its address. Shut down and stopped by its pid at the end."""
+    import ray
+
+    process, address, folder = start_ray_head(num_cpus=2)
+    try:
+        ray.init(address=address, log_to_driver=False)
+        yield address
+    finally:
+        ray.shutdown()
+        # `ray start --block` takes tens of seconds over SIGTERM; the cluster keeps nothing worth
+        # a clean exit, so its whole process group is killed at once.
+        stop(process, timeout_s=10, sig=signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)

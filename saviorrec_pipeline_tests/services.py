@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -253,6 +254,25 @@ def start_model_server(workdir: Path, model_uri: str, env: dict[str, str], port:
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir, env=env,
         )
     return process, f"http://127.0.0.1:{port}"
+
+
+def start_ray_head(num_cpus: int) -> tuple[subprocess.Popen, str, Path]:
+    """`ray start --head --block` with `num_cpus` CPUs on loopback, its session files in a fresh
+    short folder (Ray's sockets live there, and a socket path is at most 107 bytes); the process, the
+    cluster's address and the folder."""
+    folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    port = free_port()
+    log = folder / "head.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [executable("ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0", "--port", str(port),
+             "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(folder)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=isolated_environ(),
+        )
+    address = f"127.0.0.1:{port}"
+    wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None and b"Ray runtime started" in log.read_bytes(),
+               "Ray head", process, log, timeout_s=120)
+    return process, address, folder
 
 
 def graphql(url: str, query: str, variables: dict | None = None, timeout_s: float = 30) -> dict:

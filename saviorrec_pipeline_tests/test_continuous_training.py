@@ -14,6 +14,7 @@ from saviorrec_pipeline.definitions import all_assets
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.jobs import chain_job
 from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -38,7 +39,7 @@ class Chain:
         storage = ParquetStorage(root=str(home / "storage"))
         self.storage, self.client = storage, mlflow.MlflowClient(f"sqlite:///{home}/mlflow.db")
         self.resources = {
-            "raw": RawStore(root=str(raw)), "window": WINDOW, "storage": storage, "parquet_io_manager": ParquetIOManager(storage=storage),
+            "raw": RawStore(root=str(raw)), "window": WINDOW, "compute": Compute(), "storage": storage, "parquet_io_manager": ParquetIOManager(storage=storage),
             "tracking": MlflowTracking(tracking_uri=f"sqlite:///{home}/mlflow.db", artifact_root=str(home / "artifacts")),
         }
 

@@ -32,6 +32,7 @@ from saviorrec_pipeline.method.encoder_training import (
 )
 from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, hit_at_k
 from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -181,7 +182,7 @@ def _resources(raw: Path, home: Path) -> dict:
     storage = ParquetStorage(root=str(home / "storage"))
     return {
         "raw": RawStore(root=str(raw)),
-        "window": TrainEvalWindow(train_days=SPEC.days - 1, eval_days=1),
+        "window": TrainEvalWindow(train_days=SPEC.days - 1, eval_days=1), "compute": Compute(),
         "storage": storage,
         "parquet_io_manager": ParquetIOManager(storage=storage),
         "tracking": MlflowTracking(tracking_uri=f"sqlite:///{home}/mlflow.db", artifact_root=str(home / "artifacts")),

@@ -21,6 +21,7 @@ from saviorrec_pipeline.definitions import all_assets
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.jobs import chain_job
 from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -46,7 +47,7 @@ def chain(request, tmp_path_factory) -> tuple[pl.DataFrame, pl.DataFrame]:
     day = (spec.start_date + dt.timedelta(days=DAYS - 1)).isoformat()
     storage = ParquetStorage(root=str(home / "storage"))
     resources = {
-        "raw": RawStore(root=str(home / "raw")), "window": WINDOW, "storage": storage, "parquet_io_manager": ParquetIOManager(storage=storage),
+        "raw": RawStore(root=str(home / "raw")), "window": WINDOW, "compute": Compute(), "storage": storage, "parquet_io_manager": ParquetIOManager(storage=storage),
         "tracking": MlflowTracking(tracking_uri=f"sqlite:///{home}/mlflow.db", artifact_root=str(home / "artifacts")),
     }
     config = {"ops": {"semantic_ids": {"config": {"epochs": 50}}, "auc_report": {"config": {"pv_edges": EDGES}},

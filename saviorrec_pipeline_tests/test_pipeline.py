@@ -12,6 +12,7 @@ from saviorrec_pipeline.assets.raw import impressions, item_catalog, user_profil
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.method.coclick import mine_coclick_pairs
 from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage, filesystem
 
@@ -42,7 +43,7 @@ def _materialize(raw_root: str, storage: ParquetStorage) -> dg.ExecuteInProcessR
     return dg.materialize(
         [impressions, item_catalog, user_profiles, coclick_pairs],
         partition_key=EVAL_DAY.isoformat(),
-        resources={"raw": RawStore(root=raw_root), "window": WINDOW, "parquet_io_manager": ParquetIOManager(storage=storage)},
+        resources={"raw": RawStore(root=raw_root), "window": WINDOW, "compute": Compute(), "parquet_io_manager": ParquetIOManager(storage=storage)},
     )
 
 

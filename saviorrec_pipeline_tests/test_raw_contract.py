@@ -24,6 +24,7 @@ from saviorrec_pipeline.contract import ITEMS, OVERSIZED, RULE_IMAGE_DECODABLE, 
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.method.coclick import CoclickParams
 from saviorrec_pipeline.partitions import TrainEvalWindow
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
 from saviorrec_pipeline_tests.test_coclick import brute_force
@@ -107,7 +108,7 @@ def _materialize(raw_root: Path, storage: ParquetStorage) -> dg.ExecuteInProcess
         partition_key=EVAL_DAY.isoformat(),
         resources={
             "raw": RawStore(root=str(raw_root)),
-            "window": TrainEvalWindow(train_days=len(TRAIN_DAYS), eval_days=1),
+            "window": TrainEvalWindow(train_days=len(TRAIN_DAYS), eval_days=1), "compute": Compute(),
             "parquet_io_manager": ParquetIOManager(storage=storage),
         },
         raise_on_error=False,

@@ -42,6 +42,7 @@ from saviorrec_pipeline import presets
 from saviorrec_pipeline.method.encoder_training import build_model
 from saviorrec_pipeline.method.rqvae import RQVAE, RQVAEConfig
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage, safe_name
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
@@ -402,7 +403,7 @@ def test_dagster_refuses_partition_keys_outside_the_daily_partitions(demo_raw, t
     with pytest.raises(dg.DagsterUnknownPartitionError, match="Could not find a partition with key"):
         dg.materialize(
             [coclick_pairs], partition_key=key,
-            resources={"raw": RawStore(root=str(demo_raw)), "window": TrainEvalWindow(train_days=SPEC.days - 1, eval_days=1),
+            resources={"raw": RawStore(root=str(demo_raw)), "window": TrainEvalWindow(train_days=SPEC.days - 1, eval_days=1), "compute": Compute(),
                        "parquet_io_manager": ParquetIOManager(storage=ParquetStorage(root=str(root / "storage")))},
         )
     assert _files_under(tmp_path) == before, "files appeared"

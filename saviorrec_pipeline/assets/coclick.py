@@ -6,11 +6,12 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from saviorrec_pipeline.assets.common import SAVIORENC_GROUP
+from saviorrec_pipeline.assets.common import SAVIORENC_GROUP, engine_metadata
 from saviorrec_pipeline.markdown import table
-from saviorrec_pipeline.method.coclick import CoclickParams, mine_coclick_pairs
+from saviorrec_pipeline.method.coclick import CoclickParams
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions, training_window_mapping
 from saviorrec_pipeline.profiling import track_usage
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 
 
@@ -31,24 +32,25 @@ class CoclickConfig(dg.Config):
     description="Item pairs (item_a < item_b) co-clicked by >= min_support users in the training window.",
 )
 def coclick_pairs(
-    context: dg.AssetExecutionContext, config: CoclickConfig, raw: RawStore, window: TrainEvalWindow
+    context: dg.AssetExecutionContext, config: CoclickConfig, raw: RawStore, window: TrainEvalWindow, compute: Compute
 ) -> dg.Output[pl.DataFrame]:
     days = window.training_days(context.partition_key)
+    context.log.info(f"mining pairs from the clicks of {days[0]}..{days[-1]} ({compute.engine})")
     with track_usage() as usage:
-        clicks = raw.read_clicks(days)
-        context.log.info(f"{clicks.height} click events in {days[0]}..{days[-1]}; mining pairs")
-        pairs = mine_coclick_pairs(clicks, config.params())
-    context.log.info(f"kept {pairs.height} pairs with support >= {config.min_support}")
+        mined, shard_reports = compute.coclick_pairs(raw, days, config.params())
+    pairs = mined.pairs
+    context.log.info(f"{mined.click_events} click events; kept {pairs.height} pairs with support >= {config.min_support}")
     return dg.Output(
         pairs,
         metadata={
             "training_window": f"{days[0]} .. {days[-1]} ({len(days)} days)",
-            "click_events": clicks.height,
-            "clicking_users": clicks["user_id"].n_unique(),
+            "click_events": mined.click_events,
+            "clicking_users": mined.clicking_users,
             "pairs_kept": pairs.height,
             "items_in_pairs": pl.concat([pairs["item_a"], pairs["item_b"]]).n_unique(),
             "support_distribution": dg.MetadataValue.md(_support_table(pairs)),
-            **usage.metadata(clicks.height, unit="click_events"),
+            **usage.metadata(mined.click_events, unit="click_events"),
+            **engine_metadata(compute.engine, shard_reports),
         },
     )
 

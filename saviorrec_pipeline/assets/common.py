@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from saviorrec_pipeline.checkpoints import CheckpointFile
+from saviorrec_pipeline.markdown import table
 from saviorrec_pipeline.method.training import EpochReport, StepReport, shapes_differing
 from saviorrec_pipeline.partitions import SETTINGS, daily_partitions
 from saviorrec_pipeline.resources.storage import ParquetStorage
@@ -18,6 +19,15 @@ PAPER_GROUP = "paper_tables"  # the paper's comparisons, built on demand by the 
 # Stages that train a model carry this pool; dagster.yaml limits it to one step at a time, so two
 # trainings never share the machine, whether in one run or in several.
 TRAINING_POOL = "training"
+
+
+def engine_metadata(engine: str, shard_reports: list[dict]) -> dict:
+    """Which engine ran a stage and, on Ray, a table of what each shard's task did."""
+    out: dict = {"engine": engine}
+    if shard_reports:
+        out["shards"] = dg.MetadataValue.md(table(["step", "shard", "rows", "seconds", "peak RSS MiB"], [list(r.values()) for r in shard_reports], 3))
+        out["max_shard_peak_rss_mib"] = max(r["peak_rss_mib"] for r in shard_reports)
+    return out
 
 
 def training_asset(group: str, inputs: list[str], description: str, **asset_arguments):

@@ -6,10 +6,11 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from saviorrec_pipeline.assets.common import RANKING_GROUP
-from saviorrec_pipeline.method.ranking_features import EVAL, TRAIN, FeatureSpec, build_ranking_rows
+from saviorrec_pipeline.assets.common import RANKING_GROUP, engine_metadata
+from saviorrec_pipeline.method.ranking_features import EVAL, TRAIN, FeatureSpec
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions, full_window_mapping
 from saviorrec_pipeline.profiling import track_usage
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 
 
@@ -31,18 +32,17 @@ class RankingDatasetConfig(dg.Config):
     "statistics from strictly earlier data, base pCTR and item PV; embeddings and codes by item id.",
 )
 def ranking_dataset(
-    context: dg.AssetExecutionContext, config: RankingDatasetConfig, raw: RawStore, window: TrainEvalWindow
+    context: dg.AssetExecutionContext, config: RankingDatasetConfig, raw: RawStore, window: TrainEvalWindow, compute: Compute
 ) -> dg.Output[pl.DataFrame]:
     days = window.training_days(context.partition_key) + window.evaluation_days(context.partition_key)
     eval_start = dt.datetime.combine(window.evaluation_days(context.partition_key)[0], dt.time(), tzinfo=dt.timezone.utc)
+    context.log.info(f"joining the impressions of {days[0]}..{days[-1]} ({compute.engine})")
     with track_usage() as usage:
-        impressions = raw.read_window(days)
-        impressions = impressions.select("user_id", "item_id", "ts", "clicked", *(["base_pctr"] if "base_pctr" in impressions.columns else []))
         catalog = raw.inspect_items().checked().select("item_id")
         users = raw.inspect_users().checked()
         profiles = users if users.height else None
-        unknown = impressions.join(catalog, on="item_id", how="anti").height
-        rows = build_ranking_rows(impressions.lazy(), catalog.lazy(), profiles.lazy() if profiles is not None else None, eval_start, config.spec()).collect(engine="streaming")
+        built, shard_reports = compute.ranking_rows(raw, days, catalog, profiles, eval_start, config.spec())
+    rows, unknown = built.rows, built.dropped_unknown
     if unknown:
         context.log.warning(f"dropped {unknown} impressions of items missing from the catalog")
     split_counts = dict(rows.group_by("split").len().iter_rows())
@@ -65,5 +65,6 @@ def ranking_dataset(
             "profile_columns": ", ".join(c for c in (profiles.columns if profiles is not None else []) if c != "user_id") or "none",
             "has_base_pctr": "base_pctr" in rows.columns,
             **usage.metadata(rows.height, unit="rows"),
+            **engine_metadata(compute.engine, shard_reports),
         },
     )

@@ -39,6 +39,19 @@ class CoclickParams:
             raise ValueError(f"min_support must be >= 1, got {self.min_support}")
 
 
+@dataclass(frozen=True)
+class MinedPairs:
+    """A window's mined pairs and what they were mined from."""
+
+    pairs: pl.DataFrame
+    click_events: int
+    clicking_users: int
+
+
+def mine_window(clicks: pl.DataFrame, params: CoclickParams) -> MinedPairs:
+    return MinedPairs(mine_coclick_pairs(clicks, params), clicks.height, clicks["user_id"].n_unique())
+
+
 def mine_coclick_pairs(clicks: pl.LazyFrame | pl.DataFrame, params: CoclickParams = CoclickParams()) -> pl.DataFrame:
     """Pairs `item_a < item_b` with their distinct-user `support`, sorted by (item_a, item_b).
 

@@ -61,6 +61,25 @@ def stats_before(queries: pl.LazyFrame, at: str, history: pl.LazyFrame, prefix: 
     ).drop("impressions_so_far", "clicks_so_far", "ts_history", "item_id_history", strict=False)
 
 
+def ranking_input(impressions: pl.DataFrame) -> pl.DataFrame:
+    """The impression columns the rows are built from (base pCTR where the data has it)."""
+    return impressions.select("user_id", "item_id", "ts", "clicked", *(["base_pctr"] if "base_pctr" in impressions.columns else []))
+
+
+@dataclass(frozen=True)
+class RankingRows:
+    rows: pl.DataFrame
+    dropped_unknown: int  # impressions of items missing from the catalog
+
+
+def ranking_rows(
+    impressions: pl.DataFrame, catalog_ids: pl.DataFrame, profiles: pl.DataFrame | None, eval_start: dt.datetime, spec: FeatureSpec,
+) -> RankingRows:
+    """`build_ranking_rows` on frames in memory, and how many impressions it dropped."""
+    rows = build_ranking_rows(impressions.lazy(), catalog_ids.lazy(), profiles.lazy() if profiles is not None else None, eval_start, spec)
+    return RankingRows(rows.collect(engine="streaming"), impressions.join(catalog_ids, on="item_id", how="anti").height)
+
+
 def build_ranking_rows(
     impressions: pl.LazyFrame, catalog_ids: pl.LazyFrame, profiles: pl.LazyFrame | None,
     eval_start: dt.datetime, spec: FeatureSpec = FeatureSpec(),
@@ -70,20 +89,33 @@ def build_ranking_rows(
     `impressions`: `user_id`, `item_id`, `ts`, `clicked` (+ optional `base_pctr`), both windows;
     `catalog_ids`: `item_id`; `profiles`: `user_id` + profile columns, or None.
     """
-    eval_start_lit = pl.lit(eval_start).cast(pl.Datetime("us", "UTC"))
-    kept = impressions.join(catalog_ids.select("item_id"), on="item_id", how="semi")
-    history = item_history(kept)
+    rows, clicks = item_features(impressions.join(catalog_ids.select("item_id"), on="item_id", how="semi"), eval_start, spec)
+    return user_features(rows, clicks, profiles, spec)
 
+
+def item_features(kept: pl.LazyFrame, eval_start: dt.datetime, spec: FeatureSpec) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """What depends on one item's timeline alone: (impression rows with their split, the candidate's
+    statistics S_i and pv; click events with the clicked item's statistics just before each). Exact
+    on any set of `kept` impressions that holds each of its items' impressions whole."""
+    eval_start_lit = pl.lit(eval_start).cast(pl.Datetime("us", "UTC"))
+    history = item_history(kept)
     rows = kept.with_columns(
         pl.when(pl.col("ts") >= eval_start_lit).then(pl.lit(EVAL)).otherwise(pl.lit(TRAIN)).alias("split"),
         pl.min_horizontal("ts", eval_start_lit).alias("cutoff"),
     )
     rows = stats_before(rows, "cutoff", history, "item_", spec)
+    pv = kept.filter(pl.col("ts") < eval_start_lit).group_by("item_id").agg(pl.len().cast(pl.Int64).alias("pv"))
+    rows = rows.join(pv, on="item_id", how="left").with_columns(pl.col("pv").fill_null(0))
+    clicks = stats_before(kept.filter(pl.col("clicked") == 1).select("user_id", "item_id", "ts"), "ts", history, "", spec)
+    return rows, clicks
 
-    # Each click with the clicked item's statistics just before it, numbered per user in click order.
-    clicks = stats_before(
-        kept.filter(pl.col("clicked") == 1).select("user_id", "item_id", "ts"), "ts", history, "", spec
-    ).sort("user_id", "ts", "item_id").with_columns(pl.int_range(pl.len()).over("user_id").alias("click_number"))
+
+def user_features(rows: pl.LazyFrame, clicks: pl.LazyFrame, profiles: pl.LazyFrame | None, spec: FeatureSpec) -> pl.LazyFrame:
+    """What depends on one user's history alone: the behaviour sequence Seq_u before each row's
+    cutoff and the profile P_u, on `item_features`' output. Exact on any set of rows and clicks
+    that holds each of its users' rows and clicks whole."""
+    # Each click numbered per user in click order.
+    clicks = clicks.sort("user_id", "ts", "item_id").with_columns(pl.int_range(pl.len()).over("user_id").alias("click_number"))
     click_lists = clicks.group_by("user_id").agg(
         pl.col("item_id").alias("all_items"), pl.col("impressions").alias("all_impressions"),
         pl.col("clicks").alias("all_clicks"), pl.col("ctr").alias("all_ctr"),
@@ -102,10 +134,7 @@ def build_ranking_rows(
             for name in ("items", "impressions", "clicks", "ctr")
         ],
         length.cast(pl.Int32).alias("seq_length"),
-    )
-
-    pv = kept.filter(pl.col("ts") < eval_start_lit).group_by("item_id").agg(pl.len().cast(pl.Int64).alias("pv"))
-    rows = rows.join(pv, on="item_id", how="left").with_columns(pl.col("pv").fill_null(0))
+    ).select(pl.exclude("pv"), "pv")
     if profiles is not None:
         rows = rows.join(profiles, on="user_id", how="left")
     dropped = ["cutoff", "click_number", "ts_click", "user_id_click", "all_items", "all_impressions", "all_clicks", "all_ctr"]

@@ -101,6 +101,11 @@ class RawStore(dg.ConfigurableResource):
         """The impressions of a window of `days`, each day validated and reduced by `keep` as it is
         read (so a long window is held only as what is kept of it). A window with days missing is
         refused before any day is read, with every missing day named in one error."""
+        self.require_days(days)
+        return pl.concat([keep(self.read_impressions(day)) for day in days], how="diagonal_relaxed")
+
+    def require_days(self, days: list[dt.date]) -> None:
+        """Refuse a window with days missing, every missing day named in one error."""
         missing = []
         for day in days:
             folder = self.impressions_folder(day)
@@ -110,7 +115,6 @@ class RawStore(dg.ConfigurableResource):
                 missing.append((day, _no_data_files(folder, ignored)))
         if missing:
             raise RawContractError([violation for _, violation in missing], missing_days_hint([day for day, _ in missing]))
-        return pl.concat([keep(self.read_impressions(day)) for day in days], how="diagonal_relaxed")
 
     def read_clicks(self, days: list[dt.date]) -> pl.DataFrame:
         """The click events (`user_id`, `item_id`, `ts`) of a window of `days`, read as `read_window` does."""
