@@ -4,19 +4,24 @@ give the in-process results: co-click pairs and ranking rows exactly."""
 import datetime as dt
 
 import dagster as dg
+import numpy as np
 import polars as pl
 import pytest
 
 from saviorrec_pipeline.assets.coclick import coclick_pairs
 from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
 from saviorrec_pipeline.assets.raw import impressions, item_catalog, user_profiles
+from saviorrec_pipeline import presets
+from saviorrec_pipeline.assets.encoder import read_catalog
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
+from saviorrec_pipeline.method.encoder_training import build_model
 from saviorrec_pipeline.method.coclick import CoclickParams
 from saviorrec_pipeline.method.ranking_features import FeatureSpec
 from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetIOManager, ParquetStorage
+from saviorrec_pipeline.scaleout.embedding import embed_on_ray
 
 pytestmark = pytest.mark.integration
 
@@ -63,6 +68,22 @@ def test_ranking_rows_on_ray_equal_the_local_ones(raw, ray_cluster):
     assert on_ray.rows.equals(local.rows)
     assert on_ray.dropped_unknown == local.dropped_unknown
     assert {r["step"] for r in reports} == {"read impressions", "item timelines", "user sequences"}
+
+
+def test_catalog_embeddings_on_ray_data_equal_the_local_ones(raw, ray_cluster):
+    catalog = read_catalog(raw).with_columns(
+        # The first batch has no image at all (its vision tower never runs), others a mix; some titles are blank.
+        pl.when(pl.col("item_id") < 150).then(None).otherwise(pl.col("image")).alias("image"),
+        pl.when(pl.col("item_id") % 7 == 0).then(None).otherwise(pl.col("title")).alias("title"),
+    ).sort("item_id")
+    model = build_model(presets.encoder("tiny")[0], seed=0).eval()
+    local = Compute().item_embeddings(model, catalog)
+    on_ray = embed_on_ray(model, catalog, actors=2, batch_size=96)
+    assert on_ray["item_id"].equals(catalog["item_id"])
+    assert on_ray.select("item_id", "has_image", "has_title").equals(local.select("item_id", "has_image", "has_title"))
+    assert not on_ray["has_image"].head(96).any() and on_ray["has_image"].any()
+    difference = np.abs(on_ray["embedding"].to_numpy() - local["embedding"].to_numpy()).max()
+    assert difference <= 1e-5, difference
 
 
 def test_the_stage_assets_run_on_ray_through_the_compute_resource(raw, ray_cluster, tmp_path):

@@ -11,7 +11,8 @@ from pydantic import Field
 
 from saviorrec_pipeline import presets
 from saviorrec_pipeline.assets.common import (
-    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, epoch_reporter, refresh_due, refresh_start, step_reporter, training_asset,
+    PAPER_GROUP, SAVIORENC_GROUP, Refresh, RefreshConfig, StageCheckpoints, engine_metadata, epoch_reporter, refresh_due, refresh_start,
+    step_reporter, training_asset,
 )
 from saviorrec_pipeline.charts import figure, markdown_image
 from saviorrec_pipeline.markdown import table
@@ -25,6 +26,7 @@ from saviorrec_pipeline.method.retrieval import consecutive_click_pairs, table_4
 from saviorrec_pipeline.method.training import check_same_shapes
 from saviorrec_pipeline.partitions import TrainEvalWindow, daily_partitions
 from saviorrec_pipeline.profiling import track_usage
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.raw import RawStore
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking
@@ -157,19 +159,20 @@ def encoder_lineage(model_uri: str, tracking: MlflowTracking) -> list[str]:
     description="z for every catalog item (cold ones included), from the partition's item_encoder.",
 )
 def item_embeddings(
-    context: dg.AssetExecutionContext, item_encoder: pl.DataFrame, raw: RawStore, tracking: MlflowTracking
+    context: dg.AssetExecutionContext, item_encoder: pl.DataFrame, raw: RawStore, tracking: MlflowTracking, compute: Compute
 ) -> dg.Output[pl.DataFrame]:
     model_uri = item_encoder["model_uri"][0]
     model = load_encoder(model_uri, tracking)
     with track_usage() as usage:
-        embeddings, catalog = embedding_table(model, read_catalog(raw))
-    return dg.Output(embeddings, metadata={
-        "items": embeddings.height,
+        embedded = compute.item_embeddings(model, read_catalog(raw))
+    return dg.Output(embedded.select("item_id", "embedding"), metadata={
+        "items": embedded.height,
         "dimension": model.config.embedding_dim,
-        "items_without_image": int((~catalog.has_image).sum()),
-        "items_without_title": int((~catalog.has_title).sum()),
+        "items_without_image": int((~embedded["has_image"]).sum()),
+        "items_without_title": int((~embedded["has_title"]).sum()),
         "encoder": model_uri,
-        **usage.metadata(embeddings.height, unit="items"),
+        **usage.metadata(embedded.height, unit="items"),
+        **engine_metadata(compute.engine, []),
     })
 
 

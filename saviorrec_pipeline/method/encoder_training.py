@@ -312,3 +312,9 @@ def embedding_table(model: SaviorEnc, catalog: pl.DataFrame) -> tuple[pl.DataFra
     vectors = embed_catalog(model, tensors, device_for_training())
     table = pl.DataFrame({"item_id": tensors.item_ids, "embedding": pl.Series(vectors, dtype=pl.Array(pl.Float32, vectors.shape[1]))})
     return table, tensors
+
+
+def embedded_catalog(model: SaviorEnc, catalog: pl.DataFrame) -> pl.DataFrame:
+    """`embedding_table` with each item's `has_image` and `has_title` as the model saw them."""
+    table, tensors = embedding_table(model, catalog)
+    return table.with_columns(pl.Series("has_image", tensors.has_image.numpy()), pl.Series("has_title", tensors.has_title.numpy()))

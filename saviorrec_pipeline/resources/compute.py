@@ -15,6 +15,8 @@ import polars as pl
 from pydantic import Field, PrivateAttr
 
 from saviorrec_pipeline.method.coclick import CoclickParams, MinedPairs, mine_window
+from saviorrec_pipeline.method.encoder import SaviorEnc
+from saviorrec_pipeline.method.encoder_training import embedded_catalog
 from saviorrec_pipeline.method.ranking_features import FeatureSpec, RankingRows, ranking_input, ranking_rows
 from saviorrec_pipeline.resources.raw import RawStore
 
@@ -27,6 +29,9 @@ class Compute(dg.ConfigurableResource):
 
     ray_address: str | None = Field(default=None, description="unset: no Ray; local, auto, ray://host:port or host:port: Ray")
     shards: int | None = Field(default=None, ge=1, description="shards of the data stages on Ray (unset: the cluster's CPUs)")
+    embedding_actors: int | None = Field(
+        default=None, ge=1, description="Ray Data actors embedding the catalog (unset: one per GPU, or per CPU without GPUs)",
+    )
     _started_ray: bool = PrivateAttr(default=False)
 
     @property
@@ -82,6 +87,18 @@ class Compute(dg.ConfigurableResource):
         raw.require_days(days)
         rows, reports = rows_on_ray(functools.partial(_impressions_of_day, raw.root), days, catalog_ids, profiles, eval_start, spec, self.shard_count())
         return rows, [report.as_dict() for report in reports]
+
+    def item_embeddings(self, model: SaviorEnc, catalog: pl.DataFrame) -> pl.DataFrame:
+        """`embedded_catalog`: z, `has_image` and `has_title` of every catalog item, in catalog order."""
+        if not self.on_ray:
+            return embedded_catalog(model, catalog)
+        import ray
+
+        from saviorrec_pipeline.scaleout.embedding import embed_on_ray
+
+        resources = ray.cluster_resources()
+        actors = self.embedding_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
+        return embed_on_ray(model, catalog, actors)
 
 
 # Run inside Ray tasks: a Dagster resource does not survive pickling, so the task gets the root.
