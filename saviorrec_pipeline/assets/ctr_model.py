@@ -19,6 +19,7 @@ from saviorrec_pipeline.checkpoints import Checkpoint
 from saviorrec_pipeline.method.ctr_training import Champion, CTRInputs, CTRTrainConfig, ctr_inputs, train_variant
 from saviorrec_pipeline.partitions import TrainEvalWindow
 from saviorrec_pipeline.profiling import track_usage
+from saviorrec_pipeline.resources.compute import Compute
 from saviorrec_pipeline.resources.storage import ParquetStorage
 from saviorrec_pipeline.resources.tracking import MlflowTracking, TrackedRun
 from saviorrec_pipeline.serving.pyfunc import ranker_served
@@ -125,8 +126,9 @@ def mba_dimension_label(variant: str, dim: int) -> str:
 def ctr_model(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame,
     item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking,
+    compute: Compute,
 ) -> Iterator:
-    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking)
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking, compute)
     yield dg.Output(stage.predictions, metadata=stage.metadata)
     counts = dict(stage.predictions.group_by("variant").len().iter_rows())
     yield dg.AssetCheckResult(
@@ -143,8 +145,9 @@ def ctr_model(
 def ctr_ablations(
     context: dg.AssetExecutionContext, config: CTRAblationsConfig, ranking_dataset: pl.DataFrame,
     item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking,
+    compute: Compute,
 ) -> dg.Output[pl.DataFrame]:
-    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking, register=False)
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking, compute, register=False)
     return dg.Output(stage.predictions, metadata=stage.metadata)
 
 
@@ -156,8 +159,9 @@ def ctr_ablations(
 def mba_dimensions(
     context: dg.AssetExecutionContext, config: MbaDimensionsConfig, ranking_dataset: pl.DataFrame,
     item_embeddings: pl.DataFrame, semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking,
+    compute: Compute,
 ) -> dg.Output[pl.DataFrame]:
-    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking, register=False)
+    stage = train_variants(context, config, ranking_dataset, item_embeddings, semantic_ids, window, storage, tracking, compute, register=False)
     return dg.Output(stage.predictions, metadata=stage.metadata)
 
 
@@ -171,7 +175,7 @@ class TrainedVariants:
 
 def train_variants(
     context: dg.AssetExecutionContext, config: CTRModelConfig, ranking_dataset: pl.DataFrame, item_embeddings: pl.DataFrame,
-    semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking, register: bool = True,
+    semantic_ids: pl.DataFrame, window: TrainEvalWindow, storage: ParquetStorage, tracking: MlflowTracking, compute: Compute, register: bool = True,
 ) -> TrainedVariants:
     """Every variant of `config` trained on the day's rows, each in an MLflow run nested under the
     stage's. With `register`, saviorrec is registered as the served model, and the variants go on
@@ -195,7 +199,7 @@ def train_variants(
         parent.log_params({"variants": ",".join(variants), "train_rows": len(inputs.train), "eval_rows": len(inputs.evaluation),
                            "warm_start_from": start.source, "trained_days": ",".join(trained_days), **dataclasses.asdict(settings)})
         summary = [
-            _train_and_register(context, tracking, parent, inputs, run, settings, checkpoints, register, start.models.get(run.label), lineage)
+            _train_and_register(context, tracking, parent, inputs, run, settings, checkpoints, register, start.models.get(run.label), lineage, compute)
             for run in runs
         ]
         parent.log_metrics({f"{row['variant']}_eval_auc": row["eval_auc"] for row in summary})
@@ -262,7 +266,7 @@ def warm_start(
 
 def _train_and_register(
     context: dg.AssetExecutionContext, tracking: MlflowTracking, parent: TrackedRun, inputs: CTRInputs, variant_run: VariantRun,
-    settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool, warm_from: Champion | None, lineage: dict,
+    settings: CTRTrainConfig, checkpoints: StageCheckpoints, register: bool, warm_from: Champion | None, lineage: dict, compute: Compute,
 ) -> dict:
     """One model in its own MLflow run, nested under the stage's: trained (from `warm_from`'s
     state when given), logged with its final training state (registered when `register` and the
@@ -271,7 +275,7 @@ def _train_and_register(
     with tracking.start_run(context, f"{context.asset_key.to_user_string()}/{variant}", parent=parent) as run:
         with track_usage() as usage:
             trained = train_variant(inputs, variant_run.variant, variant_run.architecture, settings, warm_from=warm_from, checkpoints=checkpoints,
-                                    on_epoch=epoch_reporter(context, run, f"{variant} "))
+                                    on_epoch=epoch_reporter(context, run, f"{variant} "), trainer=compute.ctr_trainer())
         final = {"eval_auc": trained.training.history[-1].get("eval_auc", float("nan")), "eval_logloss": trained.training.history[-1]["eval_logloss"]}
         run.log_params({**trained.model.config.to_dict(), "label": variant, **dataclasses.asdict(settings), "epochs_chosen": trained.training.epochs})
         run.log_metrics(final | {"train_samples_per_s": trained.training.samples_per_s, "peak_rss_mib": usage.peak_rss_bytes / 2**20})

@@ -16,6 +16,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from saviorrec_pipeline.checkpoints import Checkpoint, CheckpointStore, TrainingState, fingerprint, latest_checkpoint
@@ -176,6 +177,21 @@ class WarmStart:
     total_steps: int
 
 
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place among `world` data-parallel workers (torch.distributed initialised).
+    Every worker draws the same permutation of the rows and takes its `rank`-th share of each
+    batch; DDP averages the gradients, so a step sees the whole batch as one process would. Each
+    worker scores the held-out rows itself, so all agree on when to stop; rank 0 saves checkpoints."""
+
+    rank: int
+    world: int
+
+    def share(self, batches: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        # A last batch smaller than the world would leave some worker nothing to train on.
+        return [batch[self.rank :: self.world] for batch in batches if len(batch) >= self.world]
+
+
 @dataclass
 class CTRTraining:
     """What training did: the epochs it chose (and the validation AUC per epoch that chose them),
@@ -223,6 +239,7 @@ def validation_split(rows: EncodedRows, fraction: float) -> tuple[EncodedRows, E
 def train_ctr(
     model: CTRModel, train: EncodedRows, evaluation: EncodedRows | None, settings: CTRTrainConfig, device: torch.device,
     on_epoch: Callable[[EpochReport], None] | None = None, checkpoints: CheckpointStore | None = None, warm: WarmStart | None = None,
+    parallel: DataParallel | None = None,
 ) -> CTRTraining:
     """BCE (eq. 17) with Adagrad, the learning rate going geometrically from lr_start to lr_end
     over the epoch budget (`epochs`, or `max_epochs` when early stopping picks them). Each epoch is
@@ -238,9 +255,13 @@ def train_ctr(
     A `warm` start goes on from a champion's state instead: `epochs` passes (default 1) over
     `train` (the rows the champion has not seen), the champion's weights, Adagrad accumulators,
     statistics scaling and learning-rate schedule continued, its moving average started again
-    (see `carry_training_state`)."""
+    (see `carry_training_state`).
+
+    With `parallel`, this process is one of several DDP workers running this same call."""
     model.to(device)
     saved = latest_checkpoint(checkpoints)
+    if parallel is not None and parallel.rank != 0:
+        checkpoints = None  # read above to resume like rank 0; only rank 0 writes
     result = CTRTraining(settings.epochs or (1 if warm else 0), [], [], 0, 0.0)
     counted = _counting(result, on_epoch)
     # Adagrad builds its sparse updates of the embedding tables from coalesced gradients, valid by
@@ -248,7 +269,7 @@ def train_ctr(
     with deterministic_on_cpu(device), torch.sparse.check_sparse_tensor_invariants(enable=False):
         if warm is not None:
             resume = saved if saved is not None and saved.phase == "ctr" else None
-            _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, [], result, warm)
+            _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, [], result, warm, parallel)
             return result
         model.load_stats_scale(train.stats)
         initial = {name: value.clone() for name, value in model.state_dict().items()}
@@ -258,11 +279,11 @@ def train_ctr(
             else:
                 fit, held_out = validation_split(train, settings.validation_fraction)
                 resume = saved if saved is not None and saved.phase == "selection" else None
-                result.selection = _run(model, fit, held_out, settings, settings.max_epochs, device, "selection", counted, checkpoints, resume, [])
+                result.selection = _run(model, fit, held_out, settings, settings.max_epochs, device, "selection", counted, checkpoints, resume, [], parallel=parallel)
             result.epochs = _best_epochs(result.selection)
             model.load_state_dict(initial)
         resume = saved if saved is not None and saved.phase == "ctr" else None
-        _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, result.selection, result)
+        _run(model, train, evaluation, settings, result.epochs, device, "ctr", counted, checkpoints, resume, result.selection, result, parallel=parallel)
     return result
 
 
@@ -307,7 +328,7 @@ def _best_epochs(selection: list[dict[str, float]]) -> int:
 def _run(
     model: CTRModel, train: EncodedRows, scored: EncodedRows | None, settings: CTRTrainConfig, epochs: int, device: torch.device,
     phase: str, on_epoch: Callable[[EpochReport], None], checkpoints: CheckpointStore | None, resume: Checkpoint | None,
-    earlier: list[Figures], result: CTRTraining | None = None, warm: WarmStart | None = None,
+    earlier: list[Figures], result: CTRTraining | None = None, warm: WarmStart | None = None, parallel: DataParallel | None = None,
 ) -> list[Figures]:
     """One training run of up to `epochs` epochs; in the selection phase `scored` is the held-out
     slice and the run stops once its score drops below the best. Returns `earlier` + this run's
@@ -325,9 +346,16 @@ def _run(
     state = TrainingState(nn.ModuleDict({"model": model, "average": average}), optimizer, torch.Generator().manual_seed(settings.seed), schedule)
     prefix = "validation" if phase == "selection" else "eval"
 
+    forward = model if parallel is None else DistributedDataParallel(model)
+
     def loss_of(index: torch.Tensor) -> torch.Tensor:
         batch = train.batch(index, settings.sequence_length, model.config.num_items).to(device)
-        return F.binary_cross_entropy_with_logits(model(batch), batch.label)  # eq. 17
+        return F.binary_cross_entropy_with_logits(forward(batch), batch.label)  # eq. 17
+
+    def batches(generator: torch.Generator) -> tuple[torch.Tensor, ...] | list[torch.Tensor]:
+        # A warm start's new days may hold no rows: then no step, not one empty batch.
+        every = torch.randperm(len(train), generator=generator).split(settings.batch_size) if len(train) else ()
+        return every if parallel is None else parallel.share(every)
 
     def score(figures: Figures) -> None:
         if scored is None or not len(scored):
@@ -339,8 +367,7 @@ def _run(
             figures[f"{prefix}_auc"] = auc
 
     steps = Steps(
-        # A warm start's new days may hold no rows: then no step, not one empty batch.
-        batches=lambda generator: torch.randperm(len(train), generator=generator).split(settings.batch_size) if len(train) else (),
+        batches=batches,
         loss=loss_of,
         after_step=lambda: average.update_parameters(model),
         end_epoch=score,
@@ -462,9 +489,11 @@ class Champion:
 def train_variant(
     inputs: CTRInputs, variant: str, architecture: dict, settings: CTRTrainConfig, *, warm_from: Champion | None = None,
     checkpoints: Callable[[str], CheckpointStore | None] = lambda run_key: None, on_epoch: Callable[[EpochReport], None] | None = None,
+    trainer: Callable[..., CTRTraining] | None = None,
 ) -> TrainedVariant:
-    """One CTR variant trained on the day's rows (`train_ctr`), from scratch or going on from
-    `warm_from`'s training state, and its evaluation-window pCTR."""
+    """One CTR variant trained on the day's rows (`train_ctr`, or `trainer` with its arguments:
+    the same training elsewhere), from scratch or going on from `warm_from`'s training state, and
+    its evaluation-window pCTR."""
     model = build_ctr_model(inputs, variant, architecture, settings.seed)
     warm = None
     if warm_from is not None:
@@ -475,7 +504,7 @@ def train_variant(
         *(warm.state.tensors.values() if warm else ()),
     )
     device = device_for_training()
-    training = train_ctr(model, inputs.train, inputs.evaluation, settings, device, on_epoch, checkpoints(f"{variant}-{run_key}"), warm)
+    training = (trainer or train_ctr)(model, inputs.train, inputs.evaluation, settings, device, on_epoch, checkpoints(f"{variant}-{run_key}"), warm)
     return TrainedVariant(model, training, predict(model, inputs.evaluation, settings.sequence_length, device))
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from collections.abc import Callable
 
 import dagster as dg
 import polars as pl
 from pydantic import Field, PrivateAttr
 
 from saviorrec_pipeline.method.coclick import CoclickParams, MinedPairs, mine_window
+from saviorrec_pipeline.method.ctr_training import CTRTraining, train_ctr
 from saviorrec_pipeline.method.encoder import SaviorEnc
 from saviorrec_pipeline.method.encoder_training import embedded_catalog
 from saviorrec_pipeline.method.ranking_features import FeatureSpec, RankingRows, ranking_input, ranking_rows
@@ -32,6 +34,9 @@ class Compute(dg.ConfigurableResource):
     embedding_actors: int | None = Field(
         default=None, ge=1, description="Ray Data actors embedding the catalog (unset: one per GPU, or per CPU without GPUs)",
     )
+    train_workers: int = Field(default=2, ge=1, description="DDP workers of CTR training on Ray (a GPU each where the cluster has them)")
+    train_storage: str | None = Field(default=None, description="where Ray Train keeps its runs: shared storage (s3://) on a multi-node "
+                                      "cluster; unset: a local temporary folder")
     _started_ray: bool = PrivateAttr(default=False)
 
     @property
@@ -99,6 +104,14 @@ class Compute(dg.ConfigurableResource):
         resources = ray.cluster_resources()
         actors = self.embedding_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
         return embed_on_ray(model, catalog, actors)
+
+    def ctr_trainer(self) -> Callable[..., CTRTraining]:
+        """`train_ctr`, or its DDP run on Ray Train with the same arguments."""
+        if not self.on_ray:
+            return train_ctr
+        from saviorrec_pipeline.scaleout.training import train_on_ray
+
+        return functools.partial(train_on_ray, workers=self.train_workers, storage_path=self.train_storage)
 
 
 # Run inside Ray tasks: a Dagster resource does not survive pickling, so the task gets the root.
