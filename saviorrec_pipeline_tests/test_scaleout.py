@@ -14,6 +14,7 @@ from saviorrec_pipeline.assets.ranking_dataset import ranking_dataset
 from saviorrec_pipeline.assets.raw import impressions, item_catalog, user_profiles
 from saviorrec_pipeline import presets
 from saviorrec_pipeline.assets.encoder import read_catalog
+from saviorrec_pipeline.checkpoints import CheckpointFile
 from saviorrec_pipeline.demo import DemoSpec, generate_demo
 from saviorrec_pipeline.method.encoder_training import build_model
 from saviorrec_pipeline.method.coclick import CoclickParams
@@ -89,7 +90,7 @@ def test_catalog_embeddings_on_ray_data_equal_the_local_ones(raw, ray_cluster):
     assert difference <= 1e-5, difference
 
 
-def test_two_ddp_workers_on_ray_train_reach_the_auc_of_one_process(raw, ray_cluster):
+def test_two_ddp_workers_on_ray_train_reach_the_auc_of_one_process(raw, ray_cluster, tmp_path):
     key = EVAL_DAY.isoformat()
     days = WINDOW.training_days(key) + WINDOW.evaluation_days(key)
     eval_start = dt.datetime.combine(EVAL_DAY, dt.time(), tzinfo=dt.timezone.utc)
@@ -103,8 +104,8 @@ def test_two_ddp_workers_on_ray_train_reach_the_auc_of_one_process(raw, ray_clus
     architecture = {"id_dim": 16, "user_buckets": 1009, "user_dim": 8, "profile_dim": 4, "attention_dim": 16, "heads": 2, "dnn_dims": [32, 16]}
     settings = CTRTrainConfig(epochs=2, batch_size=128, sequence_length=10)
     one = train_variant(inputs, "saviorrec", architecture, settings)
-    reported = []
-    two = train_variant(inputs, "saviorrec", architecture, settings, on_epoch=reported.append,
+    reported, saved = [], CheckpointFile(str(tmp_path / "ctr.safetensors"))
+    two = train_variant(inputs, "saviorrec", architecture, settings, on_epoch=reported.append, checkpoints=lambda run_key: saved,
                         trainer=Compute(ray_address=ray_cluster, train_workers=2).ctr_trainer())
     labels = inputs.evaluation.label.numpy()
     auc_one, auc_two = roc_auc(labels, one.scores), roc_auc(labels, two.scores)
@@ -117,6 +118,10 @@ def test_two_ddp_workers_on_ray_train_reach_the_auc_of_one_process(raw, ray_clus
     # Both workers' rows counted: every training row once per epoch, but a last batch smaller than the world.
     assert len(inputs.train) * 2 - 1 <= sum(r.examples for r in reported) <= len(inputs.train) * 2
     assert two.training.final_state is not None and two.training.total_steps == one.training.total_steps
+    # Rank 0's checkpoint is the one in-process training resumes from: its last epoch, the same model.
+    resumed = train_variant(inputs, "saviorrec", architecture, settings, checkpoints=lambda run_key: saved)
+    assert resumed.training.history == two.training.history
+    assert np.abs(resumed.scores - two.scores).max() <= 1e-6
 
 
 def test_the_stage_assets_run_on_ray_through_the_compute_resource(raw, ray_cluster, tmp_path):
