@@ -24,3 +24,12 @@ def paste_into_readme(name: str, table: str) -> None:
     _, tail = rest.split(ends, 1)
     README.write_text(f"{head}{begins}{marker}\n{table}{ends}{tail}")
     print(f"pasted the table into {README}")
+
+
+def write_markdown(path: Path, markdown: str, readme: bool) -> None:
+    """A benchmark's tables: written to `path`, printed, and with `readme` pasted into README.md
+    between the marker lines named after the file."""
+    path.write_text(markdown)
+    print(markdown)
+    if readme:
+        paste_into_readme(path.name, markdown)

@@ -47,7 +47,7 @@ from saviorrec_pipeline.serving.onnx_export import OnnxRanker, export_onnx
 from saviorrec_pipeline.serving.ranker import Ranker
 
 from measure import measured  # benchmarks/, beside this script
-from report import paste_into_readme, write_report
+from report import write_markdown, write_report
 
 RESULTS = Path(__file__).parent / "results"
 TINY = {
@@ -167,10 +167,7 @@ def main() -> None:
     markdown += "\n\n" + table(["batch scoring", "rows", "seconds", "rows/s", "peak RSS MiB"],
                              [(b["engine"], f"{b['rows']:,}", b["seconds"], f"{b['rows_per_s']:,}", b["peak_rss_mib"]) for b in batch])
     markdown += "\n"
-    (RESULTS / "serving.md").write_text(markdown)
-    print(markdown)
-    if args.readme:
-        paste_into_readme("serving.md", markdown)
+    write_markdown(RESULTS / "serving.md", markdown, args.readme)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,12 @@ def deployment_resources(settings: Settings) -> dict[str, dg.ConfigurableResourc
         # With the tracking: a stage whose output cannot be stored withdraws the model it registered.
         "parquet_io_manager": ParquetIOManager(storage=storage, tracking=tracking),
         "tracking": tracking,
-        "compute": Compute(ray_address=settings.ray_address),
+        # Ray Train's runs go beside the stage outputs when those are on shared storage (S3), which
+        # every node of a cluster reaches; otherwise in a temporary folder (one machine).
+        "compute": Compute(
+            ray_address=settings.ray_address,
+            train_storage=f"{settings.storage_root.rstrip('/')}/ray-train" if settings.storage_root.startswith("s3://") else None,
+        ),
     }
 
 

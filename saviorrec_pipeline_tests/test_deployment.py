@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 def test_compose_file_is_valid_and_complete(tmp_path):
     config = compose_config(tmp_path)
     services = config["services"]
-    assert {"postgres", "s3", "create-buckets", "mlflow", "code-location", "webserver", "daemon"} == services.keys()
+    assert {"postgres", "s3", "create-buckets", "mlflow", "ray-head", "ray-worker", "code-location", "webserver", "daemon"} == services.keys()
     for name, service in services.items():
         build = service.get("build") or {}
         if build:
@@ -46,6 +46,16 @@ def test_compose_file_is_valid_and_complete(tmp_path):
     assert needs["code-location"]["mlflow"]["condition"] == "service_healthy"
     for name in ("webserver", "daemon"):
         assert needs[name]["code-location"]["condition"] == "service_healthy"
+    # The Ray cluster: the head before the worker and the code location, both in the project image,
+    # and the pipeline's address is the head's Ray Client port.
+    assert needs["ray-worker"]["ray-head"]["condition"] == needs["code-location"]["ray-head"]["condition"] == "service_healthy"
+    head, worker = services["ray-head"], services["ray-worker"]
+    assert head["image"] == worker["image"] == services["code-location"]["image"]
+    client_port = re.search(r"--ray-client-server-port (\d+)", head["command"]).group(1)
+    gcs_port = re.search(r"--port (\d+)", head["command"]).group(1)
+    assert services["code-location"]["environment"]["SAVIORREC_RAY_ADDRESS"] == f"ray://ray-head:{client_port}"
+    assert f"--address ray-head:{gcs_port}" in worker["command"]
+    assert "--num-cpus 0" in head["command"]  # the head schedules; the workers compute
     # The buckets the pipeline and MLflow write to are the ones created at start.
     env = env_example()
     assert "'SAVIORREC_BUCKET', 'MLFLOW_BUCKET'" in services["create-buckets"]["command"]

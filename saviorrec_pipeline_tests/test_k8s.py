@@ -389,6 +389,41 @@ def test_mlflow_manifest_is_valid_and_is_the_tracking_uri_of_values():
     assert f"{service['metadata']['name']}:*" in command  # the Host header other pods send is allowed
 
 
+def test_raycluster_is_valid_and_is_the_ray_address_of_values():
+    (cluster,) = yaml.safe_load_all((K8S / "raycluster.yaml").read_text())
+    assert (cluster["apiVersion"], cluster["kind"], cluster["metadata"]["namespace"]) == ("ray.io/v1", "RayCluster", NAMESPACE)
+    spec = cluster["spec"]
+    head, groups = spec["headGroupSpec"], spec["workerGroupSpecs"]
+    assert {group["groupName"] for group in groups} == {"cpu", "gpu"}
+    deployment = _code_location(_values())
+    image = _image(deployment)
+    for template in [head["template"], *(group["template"] for group in groups)]:
+        k8s_model_from_dict(k8s.V1PodTemplateSpec, k8s_snake_case_dict(k8s.V1PodTemplateSpec, template))
+        (container,) = template["spec"]["containers"]
+        assert container["image"] == image, "Ray's workers must import the pipeline code of the steps that drive them"
+        assert {source["secretRef"]["name"] for source in container["envFrom"]} == {s["name"] for s in deployment["envSecrets"]}
+    # KubeRay passes rayStartParams to `ray start` as --key value strings.
+    for params in [head["rayStartParams"], *(group["rayStartParams"] for group in groups)]:
+        assert all(isinstance(value, str) for value in params.values()), params
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head schedules; the workers compute
+    for group in groups:
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    gpu = next(group for group in groups if group["groupName"] == "gpu")["template"]["spec"]
+    assert gpu["containers"][0]["resources"]["limits"][GPU] == "1"
+    gpu_step = yaml.safe_load((K8S / "executor.yaml").read_text())["per_step_k8s_config"]["ctr_model"]["pod_spec_config"]
+    assert gpu["nodeSelector"] == gpu_step["node_selector"] and gpu["tolerations"] == gpu_step["tolerations"]
+    # The code location reaches the head's Service (KubeRay names it <name>-head-svc) on its client port.
+    ports = {port["name"]: port["containerPort"] for port in head["template"]["spec"]["containers"][0]["ports"]}
+    address = _env(deployment)["SAVIORREC_RAY_ADDRESS"]
+    assert address == f"ray://{cluster['metadata']['name']}-head-svc:{ports['client']}"
+    # The Ray of the image: rayVersion names a version pyproject.toml allows.
+    pin = re.search(r'"ray\[[^\]]*\]>=(\d+)\.(\d+),<(\d+)"', (REPO / "pyproject.toml").read_text())
+    major, minor = map(int, spec["rayVersion"].split(".")[:2])
+    assert pin and (int(pin.group(1)), int(pin.group(2))) <= (major, minor) and major < int(pin.group(3))
+    readme = (K8S / "README.md").read_text()
+    assert "apply -f deploy/k8s/raycluster.yaml" in readme and "kuberay-operator" in readme
+
+
 def test_install_steps_name_the_files_secrets_and_chart_version():
     readme = (K8S / "README.md").read_text()
     deployment = _code_location(_values())

@@ -13,6 +13,7 @@ from safetensors.torch import load, save
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc
 from saviorrec_pipeline.method.encoder_training import embedded_catalog
+from saviorrec_pipeline.scaleout.shards import on_cluster
 
 ROW = "_row"  # the catalog position, to restore the order Ray Data does not keep
 
@@ -31,11 +32,15 @@ class _Embedder:
 def embed_on_ray(model: SaviorEnc, catalog: pl.DataFrame, actors: int, batch_size: int = 1024) -> pl.DataFrame:
     """`embedded_catalog(model, catalog)` by `actors` Ray Data actors (one GPU each where the
     cluster has as many GPUs)."""
+    return on_cluster(_embed, model.config.to_dict(), save(model.state_dict()), catalog, actors, batch_size)
+
+
+def _embed(architecture: dict, weights: bytes, catalog: pl.DataFrame, actors: int, batch_size: int) -> pl.DataFrame:
     gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
     # One block per batch, so that every actor of the pool gets work.
     blocks = [part.to_arrow() for part in catalog.with_row_index(ROW).iter_slices(batch_size)]
     embedded = ray.data.from_arrow(blocks).map_batches(
-        _Embedder, fn_constructor_args=(model.config.to_dict(), save(model.state_dict())), batch_format="pyarrow",
+        _Embedder, fn_constructor_args=(architecture, weights), batch_format="pyarrow",
         batch_size=batch_size, concurrency=actors, num_gpus=gpus,
     )
     tables = ray.get(embedded.to_arrow_refs())

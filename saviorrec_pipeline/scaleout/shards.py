@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import polars as pl
 import ray
 
 from saviorrec_pipeline.profiling import Usage
 
+T = TypeVar("T")
 HASH_SEED = 0  # fixed, so that every task sends a key to the same shard
 
 
@@ -46,6 +49,14 @@ def in_shard(column: str, shard: int, shards: int) -> pl.Expr:
 def refs(returned: ray.ObjectRef | list[ray.ObjectRef]) -> list[ray.ObjectRef]:
     """A task's returns as a list: Ray hands back a single reference when num_returns is 1."""
     return returned if isinstance(returned, list) else [returned]
+
+
+def on_cluster(function: Callable[..., T], *args) -> T:
+    """`function(*args)`, run in a task on the cluster when this process is a Ray Client: Ray Data
+    and Ray Train drive their work from a process inside the cluster, which a client is not."""
+    if ray.util.client.ray.is_connected():
+        return ray.get(ray.remote(num_cpus=0)(function).remote(*args))
+    return function(*args)
 
 
 def cluster_cpus() -> int:

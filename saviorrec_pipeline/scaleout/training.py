@@ -20,13 +20,14 @@ import torch
 import torch.distributed as dist
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from safetensors.torch import load, load_file, save, save_file
+from safetensors.torch import load, save, save_file
 from torch import nn
 
 from saviorrec_pipeline.checkpoints import Checkpoint, CheckpointStore
 from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
 from saviorrec_pipeline.method.ctr_training import CTRTrainConfig, CTRTraining, DataParallel, EncodedRows, WarmStart, train_ctr
 from saviorrec_pipeline.method.training import EpochReport
+from saviorrec_pipeline.scaleout.shards import on_cluster
 
 WEIGHTS, FIGURES, FINAL_STATE = "weights.safetensors", "training.json", "final_state.safetensors"
 
@@ -39,27 +40,33 @@ def train_on_ray(
     """`train_ctr`'s arguments, trained by `workers` Ray Train workers (a GPU each when the cluster
     has that many; `device` is the driver's, where `model` ends with the trained weights). Each
     epoch's figures reach `on_epoch` once training ends. Ray Train keeps its run under `storage_path`
-    (shared storage, such as s3://, when the cluster has several nodes; unset: a temporary folder)."""
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    (shared storage, such as s3://, when the cluster has several nodes; unset: a temporary folder
+    where the trainer is driven from)."""
     config = {
         "architecture": model.config.to_dict(), "weights": save(_contiguous(model)), "train": train, "evaluation": evaluation,
         "settings": settings, "checkpoints": checkpoints, "warm": (warm.state.to_bytes(), warm.steps_done, warm.total_steps) if warm else None,
     }
+    weights, figures, final_state = on_cluster(_fit, config, workers, storage_path)
+    model.load_state_dict(load(weights))
+    model.to(device)
+    reports = [EpochReport(**report) for report in figures.pop("reports")]
+    for report in reports:
+        if on_epoch is not None:
+            on_epoch(report)
+    return CTRTraining(**figures, final_state=Checkpoint.from_bytes(final_state) if final_state is not None else None)
+
+
+def _fit(config: dict, workers: int, storage_path: str | None) -> tuple[bytes, dict, bytes | None]:
+    """The TorchTrainer run: (trained weights as safetensors, figures, final training state)."""
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
     with tempfile.TemporaryDirectory(prefix="ray-train-") as scratch:
         trainer = TorchTrainer(_worker, train_loop_config=config, scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                                run_config=RunConfig(storage_path=storage_path or scratch))
         result = trainer.fit()
         with result.checkpoint.as_directory() as folder:
             folder = Path(folder)
-            model.load_state_dict(load_file(folder / WEIGHTS))
-            figures = json.loads((folder / FIGURES).read_text())
-            final_state = Checkpoint.from_bytes((folder / FINAL_STATE).read_bytes()) if (folder / FINAL_STATE).exists() else None
-    model.to(device)
-    reports = [EpochReport(**report) for report in figures.pop("reports")]
-    for report in reports:
-        if on_epoch is not None:
-            on_epoch(report)
-    return CTRTraining(**figures, final_state=final_state)
+            final_state = (folder / FINAL_STATE).read_bytes() if (folder / FINAL_STATE).exists() else None
+            return (folder / WEIGHTS).read_bytes(), json.loads((folder / FIGURES).read_text()), final_state
 
 
 def _worker(config: dict) -> None:
