@@ -15,6 +15,7 @@ import psutil
 class Usage:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
+    start_rss_bytes: int = 0  # when the block began: the peak above it is what the block added
 
     def metadata(self, work_items: int | None = None, unit: str = "rows") -> dict[str, float | int]:
         out: dict[str, float | int] = {
@@ -33,8 +34,8 @@ def track_usage(sample_every_s: float = 0.05) -> Iterator[Usage]:
     Sampled from a thread because the OS high-water mark covers the whole process lifetime,
     not just this block.
     """
-    usage = Usage()
     process = psutil.Process()
+    usage = Usage(start_rss_bytes=process.memory_info().rss)
     done = threading.Event()
 
     def sample() -> None:

@@ -5,7 +5,7 @@ import signal
 import pytest
 import s3fs
 
-from saviorrec_pipeline_tests.services import S3Server, start_ray_head, start_seaweedfs, stop, wait_for_s3
+from saviorrec_pipeline_tests.services import RAY_TEST_ENV, S3Server, start_ray_head, start_seaweedfs, stop, wait_for_s3
 
 
 KINDS = {"unit", "integration"}
@@ -63,6 +63,8 @@ def ray_cluster() -> str:
     import ray
 
     process, address, folder = start_ray_head(num_cpus=2)
+    earlier = {name: os.environ.get(name) for name in RAY_TEST_ENV}
+    os.environ.update(RAY_TEST_ENV)
     try:
         ray.init(address=address, log_to_driver=False)
         yield address
@@ -72,3 +74,8 @@ def ray_cluster() -> str:
         # a clean exit, so its whole process group is killed at once.
         stop(process, timeout_s=10, sig=signal.SIGKILL)
         shutil.rmtree(folder, ignore_errors=True)
+        for name, value in earlier.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -256,6 +256,11 @@ def start_model_server(workdir: Path, model_uri: str, env: dict[str, str], port:
     return process, f"http://127.0.0.1:{port}"
 
 
+# A loopback cluster for one test session: no token authentication (Ray turns it on where it finds
+# a token that an earlier local Ray left in ~/.ray, and the driver must then present it).
+RAY_TEST_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
 def start_ray_head(num_cpus: int) -> tuple[subprocess.Popen, str, Path]:
     """`ray start --head --block` with `num_cpus` CPUs on loopback, its session files in a fresh
     short folder (Ray's sockets live there, and a socket path is at most 107 bytes); the process, the
@@ -267,7 +272,7 @@ def start_ray_head(num_cpus: int) -> tuple[subprocess.Popen, str, Path]:
         process = subprocess.Popen(
             [executable("ray"), "start", "--head", "--block", "--num-cpus", str(num_cpus), "--num-gpus", "0", "--port", str(port),
              "--node-ip-address", "127.0.0.1", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(folder)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=isolated_environ(),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env={**isolated_environ(), **RAY_TEST_ENV},
         )
     address = f"127.0.0.1:{port}"
     wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close() is None and b"Ray runtime started" in log.read_bytes(),

@@ -25,7 +25,7 @@ def engine_metadata(engine: str, shard_reports: list[dict]) -> dict:
     """Which engine ran a stage and, on Ray, a table of what each shard's task did."""
     out: dict = {"engine": engine}
     if shard_reports:
-        out["shards"] = dg.MetadataValue.md(table(["step", "shard", "rows", "seconds", "peak RSS MiB"], [list(r.values()) for r in shard_reports], 3))
+        out["shards"] = dg.MetadataValue.md(table(["step", "shard", "rows", "seconds", "peak RSS MiB", "added MiB"], [list(r.values()) for r in shard_reports], 4))
         out["max_shard_peak_rss_mib"] = max(r["peak_rss_mib"] for r in shard_reports)
     return out
 

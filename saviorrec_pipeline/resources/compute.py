@@ -20,7 +20,7 @@ from saviorrec_pipeline.method.ctr_training import CTRTraining, train_ctr
 from saviorrec_pipeline.method.encoder import SaviorEnc
 from saviorrec_pipeline.method.encoder_training import embedded_catalog
 from saviorrec_pipeline.method.ranking_features import FeatureSpec, RankingRows, ranking_input, ranking_rows
-from saviorrec_pipeline.resources.raw import RawStore
+from saviorrec_pipeline.resources.raw import RawStore, clicks_of_day, impressions_of_day
 
 LOCAL_RAY = "local"
 
@@ -77,7 +77,7 @@ class Compute(dg.ConfigurableResource):
         from saviorrec_pipeline.scaleout.coclick import mine_on_ray
 
         raw.require_days(days)
-        mined, reports = mine_on_ray(functools.partial(_clicks_of_day, raw.root), days, params, self.shard_count())
+        mined, reports = mine_on_ray(functools.partial(clicks_of_day, raw.root), days, params, self.shard_count())
         return mined, [report.as_dict() for report in reports]
 
     def ranking_rows(
@@ -90,7 +90,7 @@ class Compute(dg.ConfigurableResource):
         from saviorrec_pipeline.scaleout.ranking import rows_on_ray
 
         raw.require_days(days)
-        rows, reports = rows_on_ray(functools.partial(_impressions_of_day, raw.root), days, catalog_ids, profiles, eval_start, spec, self.shard_count())
+        rows, reports = rows_on_ray(functools.partial(impressions_of_day, raw.root), days, catalog_ids, profiles, eval_start, spec, self.shard_count())
         return rows, [report.as_dict() for report in reports]
 
     def item_embeddings(self, model: SaviorEnc, catalog: pl.DataFrame) -> pl.DataFrame:
@@ -112,12 +112,3 @@ class Compute(dg.ConfigurableResource):
         from saviorrec_pipeline.scaleout.training import train_on_ray
 
         return functools.partial(train_on_ray, workers=self.train_workers, storage_path=self.train_storage)
-
-
-# Run inside Ray tasks: a Dagster resource does not survive pickling, so the task gets the root.
-def _clicks_of_day(raw_root: str, day: dt.date) -> pl.DataFrame:
-    return RawStore(root=raw_root).read_clicks([day])
-
-
-def _impressions_of_day(raw_root: str, day: dt.date) -> pl.DataFrame:
-    return ranking_input(RawStore(root=raw_root).read_impressions(day))

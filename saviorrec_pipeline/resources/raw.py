@@ -24,6 +24,7 @@ from saviorrec_pipeline.contract import (
     value_violations,
 )
 from saviorrec_pipeline.files import filesystem
+from saviorrec_pipeline.method.ranking_features import ranking_input
 
 
 @dataclass
@@ -43,6 +44,16 @@ class RawRead:
         if self.violations:
             raise RawContractError(self.violations, self.hint)
         return self.frame
+
+
+# For Ray tasks: a Dagster resource does not survive pickling, so a task gets the root and these.
+def clicks_of_day(raw_root: str, day: dt.date) -> pl.DataFrame:
+    return RawStore(root=raw_root).read_clicks([day])
+
+
+def impressions_of_day(raw_root: str, day: dt.date) -> pl.DataFrame:
+    """The day's impressions with the columns the ranking rows are built from."""
+    return ranking_input(RawStore(root=raw_root).read_impressions(day))
 
 
 def missing_days_hint(days: list[dt.date]) -> str:

@@ -39,9 +39,11 @@ def rows_on_ray(
         refs(sequences.remote(shard, spec, shards, user_profiles, *[parts[shard] for parts in by_item], *[parts[shards + shard] for parts in by_item]))
         for shard in range(shards)
     ]
-    rows = pl.concat(ray.get([out[0] for out in by_user]), how="diagonal_relaxed").sort(*ROW_ORDER)
     read_reports = ray.get([parts[-1] for parts in by_day])
     reports = [report for report, _ in read_reports] + ray.get([parts[-1] for parts in by_item]) + ray.get([out[1] for out in by_user])
+    shards_rows = ray.get([out[0] for out in by_user])
+    del by_day, by_item, by_user  # the object store may free the shards' copies before the sort
+    rows = pl.concat(shards_rows, how="diagonal_relaxed").sort(*ROW_ORDER)
     return RankingRows(rows, sum(unknown for _, unknown in read_reports)), reports
 
 

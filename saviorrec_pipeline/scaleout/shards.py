@@ -17,17 +17,20 @@ HASH_SEED = 0  # fixed, so that every task sends a key to the same shard
 
 @dataclass(frozen=True)
 class ShardReport:
-    """One task's work on one shard: its input rows, seconds and the worker's peak memory."""
+    """One task's work on one shard: its input rows, seconds, the worker's peak memory and how much
+    of it the task added (Ray reuses worker processes, so their memory before a task varies)."""
 
     step: str
     shard: int
     rows: int
     seconds: float
     peak_rss_mib: float
+    added_mib: float
 
     @classmethod
     def of(cls, step: str, shard: int, rows: int, usage: Usage) -> ShardReport:
-        return cls(step, shard, rows, round(usage.seconds, 3), round(usage.peak_rss_bytes / 2**20, 1))
+        return cls(step, shard, rows, round(usage.seconds, 3), round(usage.peak_rss_bytes / 2**20, 1),
+                   round(max(usage.peak_rss_bytes - usage.start_rss_bytes, 0) / 2**20, 1))
 
     def as_dict(self) -> dict:
         return asdict(self)
