@@ -2,7 +2,7 @@
 
 PostgreSQL (Dagster's run, event-log and schedule storage; MLflow's backend store), SeaweedFS's S3
 gateway (raw data, stage outputs, MLflow's artifacts) and `mlflow server`, configured with the
-variables docker-compose.yml passes to its containers. A date range is backfilled from the CLI with
+variables docker-compose.yml passes to its containers (all but its Ray cluster's address). A date range is backfilled from the CLI with
 `dagster job backfill`; the daemon runs the queued runs one at a time.
 """
 
@@ -121,6 +121,9 @@ def deployment(postgres, s3_server, tmp_path_factory):
         "MLFLOW_TRACKING_URI": "",  # set below, once the server has its port
         # Checkpoints go to S3 too, but not after each of the tiny presets' 175 short epochs a day.
         "SAVIORREC_CHECKPOINT_EVERY_EPOCHS": "5",
+        # The stages in the runs' own processes: the compose file's Ray cluster is left out here
+        # (test_scaleout.py runs every stage on a local Ray cluster against the in-process engine).
+        "SAVIORREC_RAY_ADDRESS": "",
     })
     command_env = _command_env(service_env, dagster_home)
 

@@ -122,14 +122,11 @@ def test_two_ddp_workers_on_ray_train_reach_the_auc_of_one_process(raw, ray_clus
     resumed = train_variant(inputs, "saviorrec", architecture, settings, checkpoints=lambda run_key: saved)
     assert resumed.training.history == two.training.history
     assert np.abs(resumed.scores - two.scores).max() <= 1e-6
-    # And its final state is one a warm start goes on from, on either engine.
+    # And its final state is one the next day's warm start goes on from, along its schedule.
     champion = Champion(two.model.config, two.model.state_dict(), two.training.final_state, two.training.steps_done, two.training.total_steps)
-    warm = CTRTrainConfig(epochs=1, batch_size=128, sequence_length=10)
-    warm_one = train_variant(inputs, "saviorrec", architecture, warm, warm_from=champion)
-    warm_two = train_variant(inputs, "saviorrec", architecture, warm, warm_from=champion, trainer=Compute(ray_address=ray_cluster).ctr_trainer())
-    assert warm_two.training.steps_done == warm_one.training.steps_done > two.training.steps_done  # along the champion's schedule
-    assert abs(roc_auc(labels, warm_two.scores) - roc_auc(labels, warm_one.scores)) <= 0.005
-    assert np.abs(warm_one.scores - warm_two.scores).max() < 0.03
+    warm = train_variant(inputs, "saviorrec", architecture, CTRTrainConfig(epochs=1, batch_size=128, sequence_length=10), warm_from=champion)
+    assert warm.training.steps_done == two.training.steps_done + -(-len(inputs.train) // 128)
+    assert roc_auc(labels, warm.scores) > 0.6
 
 
 def test_the_stage_assets_run_on_ray_through_the_compute_resource(raw, ray_cluster, tmp_path):

@@ -284,7 +284,7 @@ def test_every_model_the_pipeline_loads_loads_without_unpickling(demo_raw, tmp_p
             # item_embeddings alone.
             [dg.AssetSpec("item_encoder", partitions_def=daily_partitions).with_io_manager_key("parquet_io_manager"), item_embeddings],
             partition_key=EVAL_DAY,
-            resources={"raw": RawStore(root=str(demo_raw)), "tracking": tracking, "parquet_io_manager": ParquetIOManager(storage=storage)},
+            resources={"raw": RawStore(root=str(demo_raw)), "tracking": tracking, "compute": Compute(), "parquet_io_manager": ParquetIOManager(storage=storage)},
         )
         loaded = [
             (load_encoder(encoder_uri, tracking), encoder),
