@@ -54,7 +54,9 @@ class Compute(dg.ConfigurableResource):
 
         if not ray.is_initialized():
             if self.ray_address == LOCAL_RAY:
-                ray.init(include_dashboard=False)
+                # Workers' own logs stay in Ray's session folder: Ray Train's monitors repeat
+                # themselves hundreds of times a run, which would bury the step's log.
+                ray.init(include_dashboard=False, log_to_driver=False)
             else:
                 ray.init(address=self.ray_address)
             self._started_ray = True
