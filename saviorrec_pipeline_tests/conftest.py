@@ -63,19 +63,15 @@ def ray_cluster() -> str:
     import ray
 
     process, address, folder = start_ray_head(num_cpus=2)
-    earlier = {name: os.environ.get(name) for name in RAY_TEST_ENV}
-    os.environ.update(RAY_TEST_ENV)
     try:
-        ray.init(address=address, log_to_driver=False)
-        yield address
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in RAY_TEST_ENV.items():
+                patch.setenv(name, value)
+            ray.init(address=address, log_to_driver=False)
+            yield address
     finally:
         ray.shutdown()
         # `ray start --block` takes tens of seconds over SIGTERM; the cluster keeps nothing worth
         # a clean exit, so its whole process group is killed at once.
         stop(process, timeout_s=10, sig=signal.SIGKILL)
         shutil.rmtree(folder, ignore_errors=True)
-        for name, value in earlier.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value

@@ -99,13 +99,10 @@ class Compute(dg.ConfigurableResource):
         """`embedded_catalog`: z, `has_image` and `has_title` of every catalog item, in catalog order."""
         if not self.on_ray:
             return embedded_catalog(model, catalog)
-        import ray
-
         from saviorrec_pipeline.scaleout.embedding import embed_on_ray
+        from saviorrec_pipeline.scaleout.shards import cluster_cpus, cluster_gpus
 
-        resources = ray.cluster_resources()
-        actors = self.embedding_actors or int(resources.get("GPU", 0)) or max(1, int(resources.get("CPU", 1)))
-        return embed_on_ray(model, catalog, actors)
+        return embed_on_ray(model, catalog, self.embedding_actors or cluster_gpus() or cluster_cpus())
 
     def ctr_trainer(self) -> Callable[..., CTRTraining]:
         """`train_ctr`, or its DDP run on Ray Train with the same arguments."""

@@ -13,7 +13,7 @@ from safetensors.torch import load, save
 from saviorrec_pipeline.method.device import device_for_training
 from saviorrec_pipeline.method.encoder import EncoderConfig, SaviorEnc
 from saviorrec_pipeline.method.encoder_training import embedded_catalog
-from saviorrec_pipeline.scaleout.shards import on_cluster
+from saviorrec_pipeline.scaleout.shards import cluster_gpus, on_cluster
 
 ROW = "_row"  # the catalog position, to restore the order Ray Data does not keep
 
@@ -36,7 +36,7 @@ def embed_on_ray(model: SaviorEnc, catalog: pl.DataFrame, actors: int, batch_siz
 
 
 def _embed(architecture: dict, weights: bytes, catalog: pl.DataFrame, actors: int, batch_size: int) -> pl.DataFrame:
-    gpus = 1 if ray.cluster_resources().get("GPU", 0) >= actors else 0
+    gpus = 1 if cluster_gpus() >= actors else 0
     # One block per batch, so that every actor of the pool gets work.
     blocks = [part.to_arrow() for part in catalog.with_row_index(ROW).iter_slices(batch_size)]
     embedded = ray.data.from_arrow(blocks).map_batches(

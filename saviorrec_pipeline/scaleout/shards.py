@@ -64,3 +64,7 @@ def on_cluster(function: Callable[..., T], *args) -> T:
 
 def cluster_cpus() -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))

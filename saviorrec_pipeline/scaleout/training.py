@@ -30,7 +30,7 @@ from saviorrec_pipeline.checkpoints import Checkpoint, CheckpointStore
 from saviorrec_pipeline.method.ctr_model import CTRConfig, CTRModel
 from saviorrec_pipeline.method.ctr_training import CTRTrainConfig, CTRTraining, DataParallel, EncodedRows, WarmStart, train_ctr
 from saviorrec_pipeline.method.training import EpochReport
-from saviorrec_pipeline.scaleout.shards import on_cluster
+from saviorrec_pipeline.scaleout.shards import cluster_gpus, on_cluster
 
 WEIGHTS, FIGURES, FINAL_STATE = "weights.safetensors", "training.json", "final_state.safetensors"
 
@@ -61,7 +61,7 @@ def train_on_ray(
 
 def _fit(config: dict, workers: int, storage_path: str | None) -> tuple[bytes, dict, bytes | None]:
     """The TorchTrainer run: (trained weights as safetensors, figures, final training state)."""
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= workers
+    use_gpu = cluster_gpus() >= workers
     with tempfile.TemporaryDirectory(prefix="ray-train-") as scratch:
         trainer = TorchTrainer(_worker, train_loop_config=config, scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
                                run_config=RunConfig(storage_path=storage_path or scratch))
